@@ -1,0 +1,91 @@
+"""Failure policy for MPI jobs: one clear line, every rank exits non-zero, nobody hangs.
+
+A `UsageError` is something the user can fix (bad flag, bad file, impossible grid).
+When all ranks detect it together (they validate the same inputs), rank 0 prints it and
+every rank exits with `EXIT_USAGE`. Anything else raised on one rank is reported by that
+rank (with its rank and host) and the whole job is aborted through MPI, because its
+peers may already be blocked in a collective that will never complete.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import socket
+import sys
+import traceback
+from typing import Callable, TypeVar
+
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+EXIT_REQUEUE = 75  # checkpoint written on SIGTERM/SIGUSR1: the job scripts requeue on it
+
+T = TypeVar("T")
+
+
+class UsageError(Exception):
+    """An error the user caused and can fix; its message says what to change.
+
+    `collective=True` means every rank raises it at the same point, so rank 0 alone
+    reports it and no abort is needed; otherwise the raising rank reports and aborts.
+    """
+
+    def __init__(self, message: str, *, collective: bool = True) -> None:
+        super().__init__(message)
+        self.collective = collective
+
+
+def world_rank() -> int:
+    """The MPI rank from the launcher's environment, without initialising MPI."""
+    for var in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID"):
+        if var in os.environ:
+            return int(os.environ[var])
+    return 0
+
+
+def _abort(code: int) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if "mpi4py.MPI" in sys.modules:
+        from mpi4py import MPI
+
+        if MPI.Is_initialized() and not MPI.Is_finalized() and MPI.COMM_WORLD.Get_size() > 1:
+            MPI.COMM_WORLD.Abort(code)
+    os._exit(code)
+
+
+def report(exc: BaseException, prog: str) -> int:
+    """Print `exc` the way the policy above says and return the exit code."""
+    rank = world_rank()
+    if isinstance(exc, UsageError):
+        if rank == 0 or not exc.collective:
+            where = "" if exc.collective else f" (rank {rank} on {socket.gethostname()})"
+            print(f"{prog}: error{where}: {exc}", file=sys.stderr, flush=True)
+        return EXIT_USAGE
+    traceback.print_exc()
+    print(f"{prog}: rank {rank} on {socket.gethostname()} failed: {type(exc).__name__}: {exc}",
+          file=sys.stderr, flush=True)
+    return EXIT_FAILURE
+
+
+def entry_point(prog: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    """Wrap a command's `main` so that any failure follows the policy above."""
+
+    def wrap(main: Callable[..., T]) -> Callable[..., T]:
+        @functools.wraps(main)
+        def run(*args, **kwargs):  # type: ignore[no-untyped-def]
+            try:
+                return main(*args, **kwargs)
+            except SystemExit:
+                raise
+            except BaseException as exc:  # noqa: BLE001 - the policy covers every failure
+                code = report(exc, prog)
+                if isinstance(exc, UsageError) and exc.collective:
+                    sys.stderr.flush()
+                    os._exit(code)
+                _abort(code)
+                raise  # unreachable: _abort exits
+
+        return run
+
+    return wrap
