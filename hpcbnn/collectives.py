@@ -1,0 +1,176 @@
+"""Collectives over the grid's axes: one interface, two backends (Horovod, torch.distributed).
+
+Gradients are always *averaged* over the ranks they are reduced over. Every rank's loss is
+built so that this mean is the single-process gradient (see `hpcbnn.objectives`); the one
+non-linear coupling between ranks, the gather of per-sample statistics over the sample
+communicator, is `allgather`, whose backward is the true adjoint (a *sum* over the axis)
+and therefore exact under that averaging. Horovod's own differentiable allgather averages
+in its backward, which would scale those gradients by 1/K; hence our own autograd function.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from abc import ABC, abstractmethod
+from typing import Iterable
+
+import torch
+from mpi4py import MPI
+from torch import Tensor
+
+from hpcbnn.grid import Axis, ProcessGrid
+
+BACKENDS = ("horovod", "torch")
+
+
+class Collectives(ABC):
+    """Fused in-place reductions, broadcasts and a differentiable gather on a grid axis."""
+
+    def __init__(self, grid: ProcessGrid) -> None:
+        self.grid = grid
+
+    def trivial(self, axis: Axis) -> bool:
+        return self.grid.axis_size(axis) == 1
+
+    def allreduce_(self, tensors: list[Tensor], axis: Axis = "world", average: bool = True) -> None:
+        """Reduce `tensors` in place over `axis` (one fused call for all of them)."""
+        if tensors and not self.trivial(axis):
+            self._allreduce_(tensors, axis, average)
+
+    def broadcast_(self, tensors: Iterable[Tensor], root: int = 0) -> None:
+        """Overwrite `tensors` on every rank with world rank `root`'s values."""
+        tensors = list(tensors)
+        if tensors and self.grid.size > 1:
+            self._broadcast_(tensors, root)
+
+    def allgather(self, tensor: Tensor, axis: Axis) -> Tensor:
+        """Concatenate equally shaped tensors over `axis` along dim 0; differentiable."""
+        if self.trivial(axis):
+            return tensor
+        return _Gather.apply(tensor, self, axis)
+
+    def reduce_gradients(self, params: Iterable[torch.nn.Parameter], hierarchical: bool = False) -> None:
+        """Average gradients over the world: in one call, or over samples then over data."""
+        grads = [p.grad for p in params if p.grad is not None]
+        if hierarchical:
+            self.allreduce_(grads, "sample")
+            self.allreduce_(grads, "data")
+        else:
+            self.allreduce_(grads, "world")
+
+    @abstractmethod
+    def _allreduce_(self, tensors: list[Tensor], axis: Axis, average: bool) -> None: ...
+
+    @abstractmethod
+    def _broadcast_(self, tensors: list[Tensor], root: int) -> None: ...
+
+    @abstractmethod
+    def _gather(self, tensor: Tensor, axis: Axis) -> Tensor: ...
+
+
+class _Gather(torch.autograd.Function):
+    """All-gather whose backward sums the upstream gradients of all ranks (the true adjoint)."""
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor, comm: Collectives, axis: Axis) -> Tensor:  # type: ignore[override]
+        ctx.comm, ctx.axis, ctx.rows = comm, axis, tensor.shape[0]
+        return comm._gather(tensor.contiguous(), axis)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        grad = grad.contiguous().clone()
+        ctx.comm.allreduce_([grad], ctx.axis, average=False)
+        rank = ctx.comm.grid.comm(ctx.axis).Get_rank()
+        return grad.narrow(0, rank * ctx.rows, ctx.rows), None, None
+
+
+class HorovodCollectives(Collectives):
+    """Horovod with the grid's sub-communicators registered as process sets."""
+
+    def __init__(self, grid: ProcessGrid) -> None:
+        super().__init__(grid)
+        import horovod.torch as hvd
+
+        self.hvd = hvd
+        # A side of size 1 needs no collective, a side of size P is the global set: registering
+        # either as its own process set is an error in Horovod.
+        own = {axis: hvd.ProcessSet(grid.comm(axis)) for axis in ("sample", "data")
+               if 1 < grid.axis_size(axis) < grid.size}
+        hvd.init(comm=grid.world, process_sets=list(own.values()))
+        self.sets = {axis: own.get(axis, hvd.global_process_set) for axis in ("sample", "data", "world")}
+
+    def _allreduce_(self, tensors: list[Tensor], axis: Axis, average: bool) -> None:
+        op = self.hvd.Average if average else self.hvd.Sum
+        self.hvd.grouped_allreduce_(tensors, op=op, process_set=self.sets[axis])
+
+    def _broadcast_(self, tensors: list[Tensor], root: int) -> None:
+        handles = [self.hvd.broadcast_async_(t, root_rank=root) for t in tensors]
+        for handle in handles:
+            self.hvd.synchronize(handle)
+
+    def _gather(self, tensor: Tensor, axis: Axis) -> Tensor:
+        return self.hvd.synchronize(self.hvd.allgather_async(tensor, process_set=self.sets[axis]))
+
+
+class TorchCollectives(Collectives):
+    """torch.distributed (Gloo on CPU, NCCL on GPU), groups built from the same grid."""
+
+    def __init__(self, grid: ProcessGrid) -> None:
+        super().__init__(grid)
+        import torch.distributed as dist
+
+        self.dist = dist
+        backend = "nccl" if grid.device.type == "cuda" else "gloo"
+        address = grid.world.bcast(_rendezvous_address() if grid.is_root else None, root=0)
+        dist.init_process_group(backend, init_method=f"tcp://{address}", rank=grid.rank,
+                                world_size=grid.size, device_id=grid.device if backend == "nccl" else None)
+        self.groups = {"world": dist.group.WORLD,
+                       "sample": self._own_group(grid.sample_comm),
+                       "data": self._own_group(grid.data_comm)}
+
+    def _own_group(self, comm: MPI.Comm):  # type: ignore[no-untyped-def]
+        """Every rank must create every group, in the same order; keep the one holding us."""
+        members = comm.allgather(self.grid.rank)
+        every = sorted({tuple(g) for g in self.grid.world.allgather(members)})
+        groups = {g: self.dist.new_group(list(g)) for g in every}
+        return groups[tuple(members)]
+
+    def _allreduce_(self, tensors: list[Tensor], axis: Axis, average: bool) -> None:
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        self.dist.all_reduce(flat, group=self.groups[axis])
+        if average:
+            flat /= self.grid.axis_size(axis)
+        offset = 0
+        for t in tensors:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+    def _broadcast_(self, tensors: list[Tensor], root: int) -> None:
+        for t in tensors:
+            self.dist.broadcast(t, src=root)
+
+    def _gather(self, tensor: Tensor, axis: Axis) -> Tensor:
+        parts = [torch.empty_like(tensor) for _ in range(self.grid.axis_size(axis))]
+        self.dist.all_gather(parts, tensor, group=self.groups[axis])
+        return torch.cat(parts)
+
+
+def _rendezvous_address() -> str:
+    """Rank 0's address and a free port, shared with the others over MPI."""
+    host = os.environ.get("HPCBNN_MASTER_ADDR") or socket.gethostbyname(socket.gethostname())
+    with socket.socket() as s:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    return f"{host}:{port}"
+
+
+def make_collectives(grid: ProcessGrid, backend: str) -> Collectives:
+    """The collectives of `backend` ("horovod" or "torch") on `grid`."""
+    if backend == "horovod":
+        return HorovodCollectives(grid)
+    if backend == "torch":
+        return TorchCollectives(grid)
+    from hpcbnn.errors import UsageError
+
+    raise UsageError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
