@@ -1,0 +1,132 @@
+"""The training configuration: one dataclass, read from YAML and the command line.
+
+jsonargparse turns the dataclass into `--help` (each field's docstring and default),
+validates types, rejects unknown keys in files and flags, and dumps the resolved
+configuration that is saved with every run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+import yaml
+from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser, set_parsing_settings
+
+from hpcbnn.errors import UsageError, world_rank
+
+set_parsing_settings(docstring_parse_attribute_docstrings=True)
+
+
+@dataclass
+class Config:
+    """Train a Bayesian neural network with sample, data or hybrid parallelism."""
+
+    data: Optional[str] = None
+    """HDF5 file in hpcbnn's format (python -m hpcbnn.data converts); default: the bundled digits set."""
+    model: Literal["mlp", "resnet", "vit", "swin"] = "mlp"
+    """Network: MLP, CIFAR-style ResNet-18, the paper's small ViT, or torchvision's Swin-T."""
+    hidden: list[int] = field(default_factory=lambda: [128, 128])
+    """Hidden layer widths of the MLP."""
+    bayesian_layers: Union[Literal["all"], int] = "all"
+    """Which layers are Bayesian: all, or the last n weight layers."""
+    pretrained: Optional[str] = None
+    """A local file with deterministic weights (a state_dict) to centre the posterior on."""
+    prior_scale: float = 1.0
+    """Standard deviation of the Gaussian prior on every weight."""
+    estimator: Literal["reparam", "flipout", "local"] = "reparam"
+    """Gradient estimator of the Bayesian layers."""
+    mode: Literal["sample", "data", "hybrid"] = "sample"
+    """Parallelism: sample splits the MC samples over ranks, data the batch, hybrid both (K x D)."""
+    sample_group: Optional[int] = None
+    """hybrid: K ranks per sample group (default: the ranks per node)."""
+    backend: Literal["horovod", "torch"] = "horovod"
+    """Collectives: Horovod over MPI, or torch.distributed (Gloo on CPU, NCCL on GPU)."""
+    reduction: Literal["world", "hierarchical"] = "world"
+    """Gradient averaging: one call over all ranks, or over the sample then the data communicator."""
+    samples: int = 8
+    """Monte-Carlo weight samples per step, global: each rank evaluates samples/K."""
+    eval_samples: Optional[int] = None
+    """Samples of the predictive at evaluation (default: samples); a multiple of K."""
+    batch_size: int = 64
+    """Examples per step, global: each data group sees batch_size/D."""
+    epochs: int = 40
+    """Passes over the training split."""
+    max_steps: Optional[int] = None
+    """Stop after this many optimizer steps (for short tests); None runs all epochs."""
+    objective: Literal["elbo", "predictive"] = "elbo"
+    """ELBO (mean log-likelihood), or the predictive objective (log of the sample-averaged likelihood)."""
+    kl_weight: float = 1.0
+    """Weight of KL/N in the loss (a posterior temperature: <1 is a cold posterior)."""
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    """Optimizer."""
+    lr: float = 3e-3
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay (adamw) or L2 (adam, sgd)."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    warmup_epochs: float = 1.0
+    """Linear warm-up length before the cosine decay."""
+    schedule: Literal["cosine", "constant"] = "cosine"
+    """Learning-rate schedule after warm-up."""
+    clip_grad: Optional[float] = None
+    """Clip the global gradient norm to this value."""
+    amp: bool = False
+    """Mixed precision (bfloat16 autocast) on GPU; ignored on CPU."""
+    dtype: Literal["float32", "float64"] = "float32"
+    """Parameter precision (float64 for exactness checks)."""
+    augment: Literal["none", "flip", "cifar"] = "none"
+    """Batched image augmentation."""
+    augment_mode: Literal["per-sample", "per-rank", "shared"] = "per-sample"
+    """Augmentation randomness: per MC sample (partition-invariant), per rank (the paper's), or shared."""
+    seed: int = 0
+    """Seeds weight noise, data order and augmentation."""
+    device: Optional[str] = None
+    """Device, e.g. cpu or cuda:0 (default: cuda:local_rank when CUDA is there, else cpu)."""
+    run_dir: Optional[str] = None
+    """Where results go (default: runs/<date-time>)."""
+    resume: bool = False
+    """Continue from the latest checkpoint in run_dir."""
+    checkpoint_every: int = 1
+    """Write a checkpoint every n epochs (and always at the end and on SIGTERM/SIGUSR1)."""
+    keep_checkpoints: int = 3
+    """How many checkpoints to keep."""
+    ece_bins: int = 15
+    """Confidence bins of the calibration error and the reliability diagram."""
+    log_every: int = 20
+    """Steps between progress lines when the output is not a terminal."""
+
+
+def parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m hpcbnn.train", description=Config.__doc__,
+                       exit_on_error=False, default_config_files=[])
+    p.add_argument("--config", action=ActionConfigFile, help="A YAML file of options; flags after it override it.")
+    p.add_class_arguments(Config)
+    return p
+
+
+def parse_config(argv: list[str] | None = None) -> Config:
+    """Parse flags (and --config files); a bad option is one UsageError line."""
+    quiet = contextlib.redirect_stdout(io.StringIO()) if world_rank() else contextlib.nullcontext()
+    try:
+        with quiet:
+            ns = parser().parse_args(argv)
+    except ArgumentError as exc:
+        raise UsageError(" ".join(str(exc).split()) + " (see --help)") from None
+    values = ns.as_dict()
+    values.pop("config", None)
+    return Config(**values)
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
+
+
+def load_config(path: Path) -> Config:
+    if not path.is_file():
+        raise UsageError(f"{path} is missing: is this a run directory written by hpcbnn.train?")
+    return parse_config(["--config", str(path)])

@@ -1,0 +1,122 @@
+"""One training step of a Bayesian network on the process grid.
+
+Each rank evaluates its S/K Monte-Carlo samples on its data group's B/D examples in one
+pass, builds its part of the objective, and gradients are averaged over the grid. Because
+the weight noise of global sample s at step t depends on (seed, t, s) only, the per-rank
+losses are means of equal-sized shares, and the one non-linear coupling (the predictive
+objective's log-mean over samples) goes through an exact differentiable gather, the update
+equals the single-process update with S samples and B examples, whatever the grid.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from hpcbnn.collectives import Collectives
+from hpcbnn.errors import UsageError
+from hpcbnn.grid import ProcessGrid
+from hpcbnn.layers import kl_divergence
+from hpcbnn.noise import generator_seed, sampling
+from hpcbnn.objectives import categorical_loglik, elbo_loss, gaussian_loglik, predictive_loss
+
+OBJECTIVES = {"elbo": elbo_loss, "predictive": predictive_loss}
+LIKELIHOODS = {"categorical": categorical_loglik, "gaussian": gaussian_loglik}
+AUGMENT_MODES = ("per-sample", "per-rank", "shared")
+EVAL_STEP = -1  # a noise stream of its own: evaluation never reuses a training step's weights
+AUGMENT_KEY, AUGMENT_STREAM = 0xA06, 2  # augmentation seeds never collide with any layer's noise
+
+Augment = Callable[[Tensor, torch.Generator, slice, int], Tensor]
+
+
+@dataclass
+class StepResult:
+    loss: float
+    nll: float
+    kl: float
+    compute_s: float
+    comm_s: float
+
+
+class Engine:
+    """Owns the step: inputs per sample -> model -> objective -> gradient reduction -> optimizer."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, grid: ProcessGrid,
+                 comm: Collectives, *, samples: int, batch_size: int, n_train: int, seed: int,
+                 objective: str = "elbo", likelihood: str = "categorical", kl_weight: float = 1.0,
+                 augment: Augment | None = None, augment_mode: str = "per-sample",
+                 hierarchical: bool = False, clip_grad: float | None = None, amp: bool = False) -> None:
+        grid.check(samples, batch_size)
+        if objective not in OBJECTIVES:
+            raise UsageError(f"unknown objective {objective!r}: choose one of {', '.join(OBJECTIVES)}")
+        if augment_mode not in AUGMENT_MODES:
+            raise UsageError(f"unknown augment_mode {augment_mode!r}: choose one of {', '.join(AUGMENT_MODES)}")
+        self.model, self.optimizer, self.grid, self.comm = model, optimizer, grid, comm
+        self.samples, self.batch_size, self.n_train, self.seed = samples, batch_size, n_train, seed
+        self.objective, self.loglik = OBJECTIVES[objective], LIKELIHOODS[likelihood]
+        self.kl_weight, self.augment, self.augment_mode = kl_weight, augment, augment_mode
+        self.hierarchical, self.clip_grad = hierarchical, clip_grad
+        self.amp = amp and grid.device.type == "cuda"
+        self.local = list(grid.local_samples(samples))
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.dtype = self.params[0].dtype
+        comm.broadcast_(model.state_dict().values())
+        comm.broadcast_(t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))
+
+    def inputs(self, x: Tensor, rows: slice, step: int) -> Tensor:
+        """The [k*B_local, ...] sample-major input: one (augmented) copy per local sample."""
+        k = len(self.local)
+        if self.augment is None:
+            return x.expand(k, *x.shape).reshape(k * x.shape[0], *x.shape[1:])
+        if self.augment_mode == "per-sample":
+            return torch.cat([self._augment(x, rows, step, s) for s in self.local])
+        stream = self.grid.rank if self.augment_mode == "per-rank" else -1
+        return self._augment(x, rows, step, stream).repeat(k, *[1] * (x.dim() - 1))
+
+    def _augment(self, x: Tensor, rows: slice, step: int, stream: int) -> Tensor:
+        seed = generator_seed(self.seed, step, stream, AUGMENT_KEY, AUGMENT_STREAM)
+        generator = torch.Generator().manual_seed(seed)
+        return self.augment(x, generator, rows, self.batch_size)  # type: ignore[misc]
+
+    def loss(self, x: Tensor, y: Tensor, rows: slice, step: int) -> tuple[Tensor, Tensor, Tensor]:
+        """This rank's share of the objective, and its expected-NLL and KL parts."""
+        k, b, x = len(self.local), x.shape[0], x.to(self.dtype)
+        with sampling(self.seed, step, self.local, rows, self.batch_size), \
+                torch.autocast(self.grid.device.type, torch.bfloat16, enabled=self.amp):
+            out = self.model(self.inputs(x, rows, step))
+        loglik = self.loglik(out.to(self.dtype).view(k, b, *out.shape[1:]), y)
+        kl = kl_divergence(self.model)
+        loss = self.objective(loglik, kl, self.n_train, self.kl_weight, num_samples=self.samples,
+                              gather=lambda t: self.comm.allgather(t, "sample"))
+        return loss, -loglik.mean(), kl
+
+    def step(self, x: Tensor, y: Tensor, rows: slice, step: int) -> StepResult:
+        start = time.perf_counter()
+        loss, nll, kl = self.loss(x, y, rows, step)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        computed = time.perf_counter()
+        self.comm.reduce_gradients(self.params, self.hierarchical)
+        reduced = time.perf_counter()
+        if self.clip_grad:
+            nn.utils.clip_grad_norm_(self.params, self.clip_grad)
+        self.optimizer.step()
+        return StepResult(loss.item(), nll.item(), kl.item(), computed - start, reduced - computed)
+
+    @torch.no_grad()
+    def predict(self, x: Tensor, rows: slice, global_batch: int, samples: int) -> Tensor:
+        """Outputs of all `samples` weight samples on this data group's rows: [samples, B_local, ...]."""
+        local = list(self.grid.local_samples(samples))
+        k, b, x = len(local), x.shape[0], x.to(self.dtype)
+        with sampling(self.seed, EVAL_STEP, local, rows, global_batch):
+            out = self.model(x.expand(k, *x.shape).reshape(k * b, *x.shape[1:]))
+        return self.comm.allgather(out.view(k, b, *out.shape[1:]).contiguous(), "sample")
+
+    def sync_buffers(self) -> None:
+        """Average floating buffers (e.g. BatchNorm running statistics) over the grid."""
+        buffers = [b for b in self.model.buffers() if b.is_floating_point()]
+        self.comm.allreduce_(buffers, "world")

@@ -1,0 +1,26 @@
+"""The configured network for a data set: architecture, pretrained means, Bayesian layers."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hpcbnn.bayesianize import bayesianize
+from hpcbnn.config import Config
+from hpcbnn.data import DatasetInfo
+from hpcbnn.errors import UsageError
+from hpcbnn.models import build_model
+
+
+def build_network(cfg: Config, info: DatasetInfo) -> nn.Module:
+    """Classification: one logit per class; regression: a Gaussian mean and scale per target."""
+    outputs = info.num_classes if info.task == "classification" else 2 * info.num_classes
+    model = build_model(cfg.model, info.input_shape, outputs, hidden=cfg.hidden)
+    if cfg.pretrained:
+        try:
+            model.load_state_dict(torch.load(cfg.pretrained, map_location="cpu", weights_only=True))
+        except (OSError, RuntimeError) as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise UsageError(f"--pretrained {cfg.pretrained}: cannot load it into --model {cfg.model}: {first}")
+    bayesianize(model, layers=cfg.bayesian_layers, prior_scale=cfg.prior_scale, estimator=cfg.estimator)
+    return model.to(getattr(torch, cfg.dtype))
