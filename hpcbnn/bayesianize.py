@@ -1,0 +1,79 @@
+"""Turn a standard torch.nn / torchvision model into its Bayesian version, in place.
+
+Linear, Conv1d, Conv2d and MultiheadAttention layers become mean-field Gaussian layers
+whose posterior means are the layer's current weights (so a pretrained network becomes a
+Bayesian one centred on it), and every BatchNorm keeps its statistics per sample.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Union
+
+from torch import nn
+
+from hpcbnn.errors import UsageError
+from hpcbnn.layers import (SAMPLE_BATCH_NORM, BayesianConv1d, BayesianConv2d, BayesianLinear,
+                           BayesianMultiheadAttention)
+from hpcbnn.noise import assign_noise_keys
+
+CONVERSIONS: dict[type[nn.Module], Any] = {
+    nn.MultiheadAttention: BayesianMultiheadAttention, nn.Linear: BayesianLinear,
+    nn.Conv1d: BayesianConv1d, nn.Conv2d: BayesianConv2d}
+
+Selection = Union[str, int, Callable[[str, nn.Module], bool]]
+
+
+def _conversion(module: nn.Module) -> Any:
+    for kind, bayesian in CONVERSIONS.items():
+        if isinstance(module, kind):
+            return bayesian
+    return None
+
+
+def candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The layers that can become Bayesian, in module order (a MultiheadAttention counts as one)."""
+    found: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        inside_attention = any(name.startswith(f"{n}.") for n, m in found if isinstance(m, nn.MultiheadAttention))
+        if _conversion(module) is not None and not inside_attention:
+            found.append((name, module))
+    return found
+
+
+def _select(found: list[tuple[str, nn.Module]], layers: Selection) -> list[tuple[str, nn.Module]]:
+    if layers == "all":
+        return found
+    if isinstance(layers, int) and not isinstance(layers, bool):
+        if not 1 <= layers <= len(found):
+            raise UsageError(f"bayesian layers {layers}: the model has {len(found)} Bayesian-capable layers; "
+                             f"choose 1..{len(found)} or 'all'")
+        return found[-layers:]
+    if callable(layers):
+        return [(n, m) for n, m in found if layers(n, m)]
+    raise UsageError(f"bayesian layers {layers!r}: give 'all', a number of last layers, or a predicate")
+
+
+def bayesianize(model: nn.Module, *, layers: Selection = "all", prior_scale: float = 1.0, init_std: float = 1e-3,
+                estimator: str = "reparam") -> nn.Module:
+    """Make the selected layers of `model` Bayesian and return the model.
+
+    `layers`: "all", n (the last n Bayesian-capable layers, nearest the output), or a
+    predicate `f(qualified_name, module) -> bool`. Returns a new object only when `model`
+    itself is a single convertible layer.
+    """
+    chosen = _select(candidates(model), layers)
+    if not chosen:
+        raise UsageError("bayesianize: no layer selected; check the layers= option")
+    kw = {"prior_scale": prior_scale, "init_std": init_std, "estimator": estimator}
+    for name, module in chosen:
+        bayesian = _conversion(module).from_module(module, **kw)
+        if not name:
+            model = bayesian
+            continue
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, bayesian)
+    for module in model.modules():
+        if type(module) in SAMPLE_BATCH_NORM:
+            module.__class__ = SAMPLE_BATCH_NORM[type(module)]
+    assign_noise_keys(model)
+    return model

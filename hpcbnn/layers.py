@@ -1,0 +1,435 @@
+"""Mean-field Gaussian Bayesian layers that evaluate k weight samples in one pass.
+
+Each weight w has a posterior N(mu, sigma^2), sigma = softplus(rho) initialised small
+(`init_std`), so a fresh or converted network starts next to its deterministic
+counterpart; the prior is N(0, prior_scale^2) and the KL to it is closed-form.
+
+Inside `hpcbnn.noise.sampling(...)` an input has k*B rows, sample-major, and a layer
+evaluates the k samples together: Linear with one batched matmul on [k, B*, in], Conv
+with one grouped convolution (the samples become groups). Estimators:
+  reparam  w_s = mu + sigma * eps_s                   (default; k weight copies)
+  flipout  mu x + ((x * r_in) (sigma * eps_s)) * r_out, random signs per example
+  local    mu x + sqrt(sigma^2 x^2) * eps, output noise per example (no weight copies)
+Layers in between (activations, LayerNorm, attention, pooling) see k*B independent rows
+and work unchanged; BatchNorm must not mix samples: `SampleBatchNorm*` keeps one set of
+batch statistics per sample block.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from hpcbnn.errors import UsageError
+from hpcbnn.noise import current, example_noise, next_key, weight_noise
+
+ESTIMATORS = ("reparam", "flipout", "local")
+
+
+def inverse_softplus(y: float) -> float:
+    return y + math.log(-math.expm1(-y))
+
+
+class BayesianModule(nn.Module):
+    """Posterior N(weight_mu, softplus(weight_rho)^2) per weight (and bias), prior N(0, prior_scale^2)."""
+
+    def __init__(self, weight_shape: Sequence[int], bias_size: int | None, *, prior_scale: float = 1.0,
+                 init_std: float = 1e-3, estimator: str = "reparam", dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        if estimator not in ESTIMATORS:
+            raise UsageError(f"unknown estimator {estimator!r}: choose one of {', '.join(ESTIMATORS)}")
+        if prior_scale <= 0 or init_std <= 0:
+            raise UsageError(f"prior_scale ({prior_scale}) and init_std ({init_std}) must be positive")
+        kw: dict[str, Any] = {"dtype": dtype, "device": device}
+        self.weight_mu = nn.Parameter(torch.empty(*weight_shape, **kw))
+        self.weight_rho = nn.Parameter(torch.empty(*weight_shape, **kw))
+        if bias_size is None:
+            self.register_parameter("bias_mu", None)
+            self.register_parameter("bias_rho", None)
+        else:
+            self.bias_mu = nn.Parameter(torch.empty(bias_size, **kw))
+            self.bias_rho = nn.Parameter(torch.empty(bias_size, **kw))
+        self.prior_scale = prior_scale
+        self.init_std = init_std
+        self.estimator = estimator
+        self.noise_key = next_key()
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Means as torch initialises the deterministic layer; standard deviations `init_std`."""
+        nn.init.kaiming_uniform_(self.weight_mu, a=math.sqrt(5))
+        nn.init.constant_(self.weight_rho, inverse_softplus(self.init_std))
+        if self.bias_mu is not None:
+            fan_in, _ = nn.init._calculate_fan_in_and_fan_out(self.weight_mu)
+            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+            nn.init.uniform_(self.bias_mu, -bound, bound)
+            nn.init.constant_(self.bias_rho, inverse_softplus(self.init_std))
+
+    def load_means(self, weight: Tensor, bias: Tensor | None) -> None:
+        """Centre the posterior on deterministic weights (e.g. pretrained ones)."""
+        with torch.no_grad():
+            self.weight_mu.copy_(weight)
+            if self.bias_mu is not None and bias is not None:
+                self.bias_mu.copy_(bias)
+
+    def _pairs(self) -> list[tuple[Tensor, Tensor]]:
+        pairs = [(self.weight_mu, self.weight_rho)]
+        if self.bias_mu is not None:
+            pairs.append((self.bias_mu, self.bias_rho))
+        return pairs
+
+    def kl(self) -> Tensor:
+        """KL(q || p) = sum log(s/sigma) + (sigma^2 + mu^2) / (2 s^2) - 1/2, in closed form."""
+        s2 = self.prior_scale ** 2
+        total = self.weight_mu.new_zeros(())
+        for mu, rho in self._pairs():
+            sigma = F.softplus(rho)
+            total = total + (math.log(self.prior_scale) - sigma.log() + (sigma.square() + mu.square()) / (2 * s2)
+                             - 0.5).sum()
+        return total
+
+    def samples_here(self) -> int:
+        """k, the number of weight samples this forward evaluates; 0 means the posterior mean."""
+        ctx = current()
+        if ctx is not None:
+            return len(ctx.samples)
+        return 1 if self.training else 0
+
+    def sample(self) -> tuple[Tensor, Tensor | None]:
+        """k weight samples [k, *weight] and bias samples [k, bias] (weight and bias noise drawn together)."""
+        mu_w = self.weight_mu
+        nw = mu_w.numel()
+        nb = 0 if self.bias_mu is None else self.bias_mu.numel()
+        eps = weight_noise(self.noise_key, (nw + nb,), mu_w.dtype, mu_w.device)
+        k = eps.shape[0]
+        w = torch.addcmul(mu_w, F.softplus(self.weight_rho), eps[:, :nw].view(k, *mu_w.shape))
+        if self.bias_mu is None:
+            return w, None
+        return w, torch.addcmul(self.bias_mu, F.softplus(self.bias_rho), eps[:, nw:])
+
+    def perturbation(self) -> tuple[Tensor, Tensor | None]:
+        """sigma * eps for k samples (Flipout's weight perturbation) and the k sampled biases."""
+        mu_w = self.weight_mu
+        nw = mu_w.numel()
+        nb = 0 if self.bias_mu is None else self.bias_mu.numel()
+        eps = weight_noise(self.noise_key, (nw + nb,), mu_w.dtype, mu_w.device)
+        k = eps.shape[0]
+        dw = F.softplus(self.weight_rho) * eps[:, :nw].view(k, *mu_w.shape)
+        if self.bias_mu is None:
+            return dw, None
+        return dw, torch.addcmul(self.bias_mu, F.softplus(self.bias_rho), eps[:, nw:])
+
+    def extra_repr(self) -> str:
+        return f"prior_scale={self.prior_scale}, init_std={self.init_std}, estimator={self.estimator!r}"
+
+
+def _sample_major(t: Tensor, k: int) -> Tensor:
+    """[k*B, ...] -> [k, B, ...]"""
+    return t.reshape(k, t.shape[0] // k, *t.shape[1:])
+
+
+def _check_rows(x: Tensor, k: int, layer: nn.Module) -> None:
+    if x.shape[0] % k:
+        raise UsageError(f"{type(layer).__name__}: input has {x.shape[0]} rows, not a multiple of the {k} "
+                         f"samples being evaluated; stack the batch once per sample (sample-major)")
+
+
+class BayesianLinear(BayesianModule):
+    """y_s = x_s w_s^T + b_s for the k samples, as one batched matmul over [k, B*, in]."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, **kw: Any) -> None:
+        self.in_features, self.out_features = in_features, out_features
+        super().__init__((out_features, in_features), out_features if bias else None, **kw)
+
+    @classmethod
+    def from_module(cls, m: nn.Linear, **kw: Any) -> "BayesianLinear":
+        layer = cls(m.in_features, m.out_features, m.bias is not None, dtype=m.weight.dtype,
+                    device=m.weight.device, **kw)
+        layer.load_means(m.weight, m.bias)
+        return layer
+
+    @property
+    def weight(self) -> "SampledOperand":
+        return SampledOperand(self, "weight")
+
+    @property
+    def bias(self) -> "SampledOperand | None":
+        return None if self.bias_mu is None else SampledOperand(self, "bias")
+
+    def forward(self, x: Tensor) -> Tensor:
+        k = self.samples_here()
+        if k == 0:
+            return F.linear(x, self.weight_mu, self.bias_mu)
+        _check_rows(x, k, self)
+        if self.estimator == "reparam":
+            w, b = self.sample()
+            return batched_linear(x, w, b)
+        if self.estimator == "local":
+            mean = F.linear(x, self.weight_mu, self.bias_mu)
+            var = F.linear(x.square(), F.softplus(self.weight_rho).square(),
+                           None if self.bias_rho is None else F.softplus(self.bias_rho).square())
+            noise = example_noise(self.noise_key, x.shape[0], mean.shape[1:], mean.dtype, mean.device)
+            return torch.addcmul(mean, var.clamp_min(torch.finfo(var.dtype).tiny).sqrt(), noise)
+        dw, b = self.perturbation()
+        ones = (1,) * (x.dim() - 2)
+        signs = example_noise(self.noise_key, x.shape[0], (*ones, self.in_features + self.out_features),
+                              x.dtype, x.device, kind="sign")
+        s_in, s_out = signs.split([self.in_features, self.out_features], dim=-1)
+        out = torch.addcmul(F.linear(x, self.weight_mu), batched_linear(x * s_in, dw, None), s_out)
+        return out if b is None else _add_sample_bias(out, b, channel_dim=-1)
+
+
+def _add_sample_bias(out: Tensor, b: Tensor, channel_dim: int) -> Tensor:
+    """out [k*B, ...] + each sample's bias b [k, C], along `channel_dim` of the view [k, B, ...]."""
+    k, c = b.shape
+    shape = [k] + [1] * out.dim()
+    shape[channel_dim] = c
+    return (_sample_major(out, k) + b.view(shape)).view_as(out)
+
+
+def batched_linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    """x [k*B, ..., in], w [k, out, in], b [k, out] -> [k*B, ..., out]: one bmm for all samples."""
+    k, out_features, in_features = w.shape
+    x3 = x.reshape(k, -1, in_features)
+    if b is None:
+        y = torch.bmm(x3, w.transpose(1, 2))
+    else:
+        y = torch.baddbmm(b.unsqueeze(1), x3, w.transpose(1, 2))
+    return y.reshape(*x.shape[:-1], out_features)
+
+
+class SampledOperand:
+    """What `BayesianLinear.weight` / `.bias` are: a stand-in that makes code calling
+    `F.linear(x, m.weight, m.bias)` on a Bayesian `m` (torchvision's Swin attention does)
+    evaluate m's samples. Any other use is an error, since there is no single weight."""
+
+    def __init__(self, layer: BayesianLinear, part: str) -> None:
+        self.layer, self.part = layer, part
+        self.shape = (layer.weight_mu if part == "weight" else layer.bias_mu).shape
+        self.dtype, self.device = layer.weight_mu.dtype, layer.weight_mu.device
+
+    @classmethod
+    def __torch_function__(cls, func: Callable[..., Any], types: Any, args: tuple = (),
+                           kwargs: dict | None = None) -> Any:
+        params = [*args, *(kwargs or {}).values()]
+        if func is F.linear and len(params) in (2, 3):
+            x, w, *b = params
+            bias = b[0] if b else None
+            layer = getattr(w, "layer", None)
+            if (isinstance(w, cls) and w.part == "weight"
+                    and (bias.layer if isinstance(bias, cls) else bias) is (None if layer.bias_mu is None else layer)):
+                return layer(x)
+        name = getattr(func, "__name__", str(func))
+        raise TypeError(f"{name} on the weights of a Bayesian layer: they are sampled per Monte-Carlo sample "
+                        f"and only F.linear(x, layer.weight, layer.bias) can use them")
+
+
+class _BayesianConvNd(BayesianModule):
+    """Convolution with sampled kernels; k samples run as one convolution with k times the groups."""
+
+    dims = 0
+    _conv: Callable[..., Tensor]
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | Sequence[int], stride: Any = 1,
+                 padding: Any = 0, dilation: Any = 1, groups: int = 1, bias: bool = True,
+                 padding_mode: str = "zeros", **kw: Any) -> None:
+        if padding_mode != "zeros":
+            raise UsageError(f"Bayesian convolution supports padding_mode='zeros' only, not {padding_mode!r}")
+        ks = (kernel_size,) * self.dims if isinstance(kernel_size, int) else tuple(kernel_size)
+        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, ks
+        self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
+        super().__init__((out_channels, in_channels // groups, *ks), out_channels if bias else None, **kw)
+
+    @classmethod
+    def from_module(cls, m: nn.Conv1d | nn.Conv2d, **kw: Any) -> "_BayesianConvNd":
+        layer = cls(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, m.groups,
+                    m.bias is not None, m.padding_mode, dtype=m.weight.dtype, device=m.weight.device, **kw)
+        layer.load_means(m.weight, m.bias)
+        return layer
+
+    def conv(self, x: Tensor, w: Tensor, b: Tensor | None, groups: int) -> Tensor:
+        return type(self)._conv(x, w, b, self.stride, self.padding, self.dilation, groups)
+
+    def grouped(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+        """x [k*B, C, ...] with kernels w [k, O, C/g, ...] -> [k*B, O, ...] in one convolution."""
+        k = w.shape[0]
+        if k == 1:
+            return self.conv(x, w[0], None if b is None else b[0], self.groups)
+        xs = _sample_major(x, k).transpose(0, 1).reshape(x.shape[0] // k, k * x.shape[1], *x.shape[2:])
+        y = self.conv(xs, w.reshape(k * w.shape[1], *w.shape[2:]), None if b is None else b.reshape(-1),
+                      k * self.groups)
+        y = y.view(y.shape[0], k, self.out_channels, *y.shape[2:]).transpose(0, 1)
+        return y.reshape(x.shape[0], self.out_channels, *y.shape[3:])
+
+    def forward(self, x: Tensor) -> Tensor:
+        k = self.samples_here()
+        if k == 0:
+            return self.conv(x, self.weight_mu, self.bias_mu, self.groups)
+        _check_rows(x, k, self)
+        if self.estimator == "reparam":
+            w, b = self.sample()
+            return self.grouped(x, w, b)
+        if self.estimator == "local":
+            mean = self.conv(x, self.weight_mu, self.bias_mu, self.groups)
+            var = self.conv(x.square(), F.softplus(self.weight_rho).square(),
+                            None if self.bias_rho is None else F.softplus(self.bias_rho).square(), self.groups)
+            noise = example_noise(self.noise_key, x.shape[0], mean.shape[1:], mean.dtype, mean.device)
+            return torch.addcmul(mean, var.clamp_min(torch.finfo(var.dtype).tiny).sqrt(), noise)
+        dw, b = self.perturbation()
+        ones = (1,) * self.dims
+        signs = example_noise(self.noise_key, x.shape[0], (self.in_channels + self.out_channels, *ones),
+                              x.dtype, x.device, kind="sign")
+        s_in, s_out = signs.split([self.in_channels, self.out_channels], dim=1)
+        out = torch.addcmul(self.conv(x, self.weight_mu, None, self.groups), self.grouped(x * s_in, dw, None), s_out)
+        return out if b is None else _add_sample_bias(out, b, channel_dim=2)
+
+
+class BayesianConv1d(_BayesianConvNd):
+    dims = 1
+    _conv = staticmethod(F.conv1d)
+
+
+class BayesianConv2d(_BayesianConvNd):
+    dims = 2
+    _conv = staticmethod(F.conv2d)
+
+
+class BayesianMultiheadAttention(nn.Module):
+    """`nn.MultiheadAttention` (same call signature) with Bayesian input and output projections.
+
+    Masks follow the stacked batch (k*B rows). Self-attention (query is key is value)
+    projects once; otherwise each of q, k, v goes through the packed projection.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
+                 batch_first: bool = False, **kw: Any) -> None:
+        super().__init__()
+        if embed_dim % num_heads:
+            raise UsageError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
+        self.embed_dim, self.num_heads, self.dropout, self.batch_first = embed_dim, num_heads, dropout, batch_first
+        self.in_proj = BayesianLinear(embed_dim, 3 * embed_dim, bias, **kw)
+        self.out_proj = BayesianLinear(embed_dim, embed_dim, bias, **kw)
+        nn.init.xavier_uniform_(self.in_proj.weight_mu)
+        if bias:
+            nn.init.zeros_(self.in_proj.bias_mu)
+            nn.init.zeros_(self.out_proj.bias_mu)
+
+    @classmethod
+    def from_module(cls, m: nn.MultiheadAttention, **kw: Any) -> "BayesianMultiheadAttention":
+        if not m._qkv_same_embed_dim or m.bias_k is not None or m.add_zero_attn:
+            raise UsageError("bayesianize: nn.MultiheadAttention with kdim/vdim, add_bias_kv or add_zero_attn "
+                             "is not supported; exclude it with layers=...")
+        w = m.in_proj_weight
+        layer = cls(m.embed_dim, m.num_heads, m.dropout, m.in_proj_bias is not None, m.batch_first,
+                    dtype=w.dtype, device=w.device, **kw)
+        layer.in_proj.load_means(w, m.in_proj_bias)
+        layer.out_proj.load_means(m.out_proj.weight, m.out_proj.bias)
+        return layer
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
+                need_weights: bool = True, attn_mask: Tensor | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[Tensor, Tensor | None]:
+        self_attention = query is key and key is value
+        if not self.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        e, h = self.embed_dim, self.num_heads
+        if self_attention:
+            q, k, v = self.in_proj(query).chunk(3, dim=-1)
+        else:
+            q, k, v = (self.in_proj(t)[..., i * e:(i + 1) * e] for i, t in enumerate((query, key, value)))
+        n, lq, ls = q.shape[0], q.shape[1], k.shape[1]
+        q, k, v = (t.reshape(n, -1, h, e // h).transpose(1, 2) for t in (q, k, v))
+        mask = _additive_mask(attn_mask, key_padding_mask, n, h, lq, ls, q.dtype)
+        p = self.dropout if self.training else 0.0
+        weights = None
+        if need_weights:
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(e // h)
+            if mask is not None:
+                scores = scores + mask
+            elif is_causal:
+                scores = scores.masked_fill(torch.ones(lq, ls, dtype=torch.bool, device=q.device).triu(1),
+                                            float("-inf"))
+            weights = scores.softmax(-1)
+            out = F.dropout(weights, p, self.training) @ v
+            weights = weights.mean(1) if average_attn_weights else weights
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p,
+                                                 is_causal=is_causal and mask is None)
+        out = self.out_proj(out.transpose(1, 2).reshape(n, lq, e))
+        return (out if self.batch_first else out.transpose(0, 1)), weights
+
+
+def _additive_mask(attn_mask: Tensor | None, key_padding_mask: Tensor | None, n: int, h: int, lq: int, ls: int,
+                   dtype: torch.dtype) -> Tensor | None:
+    """nn.MultiheadAttention's masks (bool: True = masked out; float: added) as one additive mask."""
+    def additive(m: Tensor) -> Tensor:
+        return torch.zeros_like(m, dtype=dtype).masked_fill(m, float("-inf")) if m.dtype == torch.bool else m.to(dtype)
+
+    mask = None
+    if attn_mask is not None:
+        mask = additive(attn_mask)
+        mask = mask.view(n, h, lq, ls) if mask.dim() == 3 else mask.view(1, 1, lq, ls)
+    if key_padding_mask is not None:
+        pad = additive(key_padding_mask).view(n, 1, 1, ls)
+        mask = pad if mask is None else mask + pad
+    return mask
+
+
+class _SampleStats:
+    """BatchNorm whose batch statistics are computed per sample block of a k*B batch."""
+
+    def forward(self: Any, x: Tensor) -> Tensor:
+        ctx = current()
+        k = len(ctx.samples) if ctx is not None else 1
+        batch_stats = self.training or self.running_mean is None
+        if k == 1 or not batch_stats:
+            return super().forward(x)  # type: ignore[misc]
+        _check_rows(x, k, self)
+        xv = x.reshape(k, x.shape[0] // k, x.shape[1], -1)
+        var, mean = torch.var_mean(xv, dim=(1, 3), correction=0)
+        if self.training and self.track_running_stats:
+            self._track(mean, var, xv.shape[1] * xv.shape[3])
+        scale = torch.rsqrt(var + self.eps)
+        if self.weight is not None:
+            scale = scale * self.weight
+        shift = -mean * scale
+        if self.bias is not None:
+            shift = shift + self.bias
+        return torch.addcmul(shift[:, None, :, None], xv, scale[:, None, :, None]).view_as(x)
+
+    def _track(self: Any, mean: Tensor, var: Tensor, n: int) -> None:
+        with torch.no_grad():
+            self.num_batches_tracked.add_(1)
+            m = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+            self.running_mean.lerp_(mean.mean(0), m)
+            self.running_var.lerp_(var.mean(0) * (n / max(n - 1, 1)), m)
+
+
+class SampleBatchNorm1d(_SampleStats, nn.BatchNorm1d):
+    pass
+
+
+class SampleBatchNorm2d(_SampleStats, nn.BatchNorm2d):
+    pass
+
+
+class SampleBatchNorm3d(_SampleStats, nn.BatchNorm3d):
+    pass
+
+
+SAMPLE_BATCH_NORM: dict[type[_BatchNorm], type[_BatchNorm]] = {
+    nn.BatchNorm1d: SampleBatchNorm1d, nn.BatchNorm2d: SampleBatchNorm2d, nn.BatchNorm3d: SampleBatchNorm3d}
+
+
+def kl_divergence(model: nn.Module) -> Tensor:
+    """The closed-form KL(q || p) summed over all Bayesian layers of `model`."""
+    terms = [m.kl() for m in model.modules() if isinstance(m, BayesianModule)]
+    if not terms:
+        raise UsageError("the model has no Bayesian layer: bayesianize it first")
+    return torch.stack(terms).sum()

@@ -1,0 +1,165 @@
+"""The sampling context: which Monte-Carlo samples a forward pass evaluates, and their noise.
+
+    with sampling(seed, step, samples=range(4, 8), batch=slice(0, 64), global_batch=128):
+        out = model(x)      # x: [k*B_local, ...], rows j*B:(j+1)*B belong to samples[j]
+
+Inside, the noise of global sample `s` for a layer is drawn from a generator seeded by a
+hash of (seed, step, s, layer key, stream) alone, so every partition of the samples over
+ranks reproduces the same weights. Per-example noise (Flipout signs, local
+reparameterisation) is drawn for the whole global batch and the rank's rows `batch` are
+taken from it, so splitting the batch over data-parallel ranks changes nothing either.
+Noise is reproducible for one device type (CPU and CUDA generators differ).
+
+Outside any context a Bayesian layer behaves like dropout: in training mode it draws one
+weight sample from torch's global RNG per call (k = 1); in `model.eval()` it uses the
+posterior mean. Inside `sampling(...)` it always samples, in either mode: that is how the
+Monte-Carlo predictive is evaluated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import struct
+import threading
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from hpcbnn.errors import UsageError
+
+WEIGHTS, EXAMPLES = 0, 1  # noise streams: per weight, per example
+
+_keys = itertools.count()
+
+
+def next_key() -> int:
+    """A default layer key: the construction order, identical on ranks that build the same model."""
+    return next(_keys)
+
+
+def assign_noise_keys(model: nn.Module) -> None:
+    """Key every Bayesian layer by a CRC of its qualified name: stable across processes and runs."""
+    for name, module in model.named_modules():
+        if hasattr(module, "noise_key"):
+            module.noise_key = zlib.crc32(name.encode())
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """The samples (global indices) and the batch rows one forward pass evaluates."""
+
+    seed: int
+    step: int
+    samples: tuple[int, ...]
+    batch: slice | None
+    global_batch: int | None
+
+    def local_batch(self, rows: int) -> tuple[int, slice]:
+        """(global batch, this rank's rows) for an input of `rows` = k*B_local rows."""
+        k = len(self.samples)
+        if rows % k:
+            raise UsageError(f"input has {rows} rows, not a multiple of the {k} samples in sampling(); "
+                             f"stack the batch once per sample (sample-major)")
+        b = rows // k
+        batch = self.batch or slice(0, b)
+        if batch.stop - batch.start != b:
+            raise UsageError(f"sampling(batch={batch}) names {batch.stop - batch.start} rows but the "
+                             f"input has {b} per sample")
+        return self.global_batch or b, batch
+
+
+class _State(threading.local):
+    def __init__(self) -> None:
+        self.current: Sampling | None = None
+
+
+_state = _State()
+
+
+def current() -> Sampling | None:
+    """The innermost active sampling context, or None."""
+    return _state.current
+
+
+@contextmanager
+def sampling(seed: int, step: int, samples: Sequence[int], batch: slice | None = None,
+             global_batch: int | None = None) -> Iterator[Sampling]:
+    """Evaluate the global Monte-Carlo `samples` of step `step` in the forward passes inside."""
+    if not len(samples):
+        raise UsageError("sampling() needs at least one sample index")
+    ctx = Sampling(int(seed), int(step), tuple(int(s) for s in samples), batch, global_batch)
+    outer, _state.current = _state.current, ctx
+    try:
+        yield ctx
+    finally:
+        _state.current = outer
+
+
+def generator_seed(seed: int, step: int, sample: int, key: int, stream: int) -> int:
+    """A 63-bit seed that depends on its arguments only (no rank, no call order)."""
+    digest = hashlib.blake2b(struct.pack("<5q", seed, step, sample, key, stream), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+_pools: dict[int, ThreadPoolExecutor] = {}
+
+
+def _parallel(fill: Callable[[int], object], k: int, numel: int, device: torch.device) -> None:
+    """Run fill(0..k-1). Each sample has its own generator and torch's CPU normal_ is serial,
+    so torch's intra-op threads share the samples (the results do not depend on it)."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or k == 1 or threads == 1 or numel < (1 << 16):
+        for j in range(k):
+            fill(j)
+        return
+    pool = _pools.get(threads) or _pools.setdefault(threads, ThreadPoolExecutor(threads, "hpcbnn-noise"))
+    list(pool.map(fill, range(k)))
+
+
+def _draw(out: torch.Tensor, ctx: Sampling, key: int, stream: int,
+          sample: Callable[[torch.Tensor, torch.Generator], object]) -> None:
+    per = out[0].numel()
+
+    def fill(j: int) -> None:
+        gen = torch.Generator(out.device).manual_seed(generator_seed(ctx.seed, ctx.step, ctx.samples[j], key, stream))
+        sample(out[j], gen)
+
+    _parallel(fill, out.shape[0], per, out.device)
+
+
+def weight_noise(key: int, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Standard normal noise [k, *shape] for the k samples of the context (k = 1 from the global RNG outside)."""
+    ctx = current()
+    if ctx is None:
+        return torch.randn(1, *shape, dtype=dtype, device=device)
+    out = torch.empty(len(ctx.samples), *shape, dtype=dtype, device=device)
+    _draw(out, ctx, key, WEIGHTS, lambda t, g: t.normal_(generator=g))
+    return out
+
+
+def example_noise(key: int, rows: int, shape: Sequence[int], dtype: torch.dtype, device: torch.device,
+                  kind: str = "normal") -> torch.Tensor:
+    """Per-example noise [rows, *shape] for a sample-major input of `rows` = k*B_local rows.
+
+    `kind` is "normal" or "sign" (+-1). Drawn for the global batch, the rank's rows taken.
+    """
+    def sample(t: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+        if kind == "normal":
+            return t.normal_(generator=gen)
+        return t.bernoulli_(0.5, generator=gen).mul_(2).sub_(1)
+
+    ctx = current()
+    if ctx is None:
+        return sample(torch.empty(rows, *shape, dtype=dtype, device=device), None)
+    global_batch, batch = ctx.local_batch(rows)
+    k = len(ctx.samples)
+    full = torch.empty(k, global_batch, *shape, dtype=dtype, device=device)
+    _draw(full, ctx, key, EXAMPLES, sample)
+    return full[:, batch].reshape(rows, *shape)
+
