@@ -31,12 +31,17 @@ def categorical_loglik(logits: Tensor, y: Tensor) -> Tensor:
     return logp.gather(-1, y.long().expand(logits.shape[0], -1).unsqueeze(-1)).squeeze(-1)
 
 
-def gaussian_loglik(out: Tensor, y: Tensor) -> Tensor:
-    """Heteroscedastic Gaussian: out [k, B, 2d] = (mean, raw scale), scale = softplus(raw) + 1e-6,
-    y [B, d] (or [B] when d = 1) -> [k, B], summed over the d outputs."""
+def gaussian_params(out: Tensor) -> tuple[Tensor, Tensor]:
+    """A network's Gaussian head out [..., 2d] = (mean, raw scale) -> mean, softplus(raw) + MIN_SCALE."""
     mean, raw = out.chunk(2, dim=-1)
+    return mean, F.softplus(raw) + MIN_SCALE
+
+
+def gaussian_loglik(out: Tensor, y: Tensor) -> Tensor:
+    """Heteroscedastic Gaussian (see `gaussian_params`), y [B, d] (or [B] when d = 1) -> [k, B],
+    summed over the d outputs."""
+    mean, scale = gaussian_params(out)
     y = y.reshape(mean.shape[1:])
-    scale = F.softplus(raw) + MIN_SCALE
     z = (y - mean) / scale
     return (-0.5 * z.square() - scale.log() - 0.5 * math.log(2 * math.pi)).sum(-1)
 
