@@ -37,7 +37,8 @@ def evaluate(engine: Engine, loader: Any, samples: int, task: str, bins: int) ->
     totals: Sums | None = None
     for batch in loader.epoch(0):
         out = engine.predict(batch.x.to(engine.grid.device), batch.rows, loader.batch_size, samples)
-        y = batch.y.to(out.device)
+        keep = batch.valid.to(out.device)  # the fill-up rows of a last batch are not counted
+        out, y = out[:, keep], batch.y.to(out.device)[keep]
         if task == "classification":
             sums = classification_sums(out.softmax(-1), y, bins)
         else:

@@ -13,7 +13,7 @@ HOROVOD_VERSION=${HOROVOD_VERSION:-0.28.1}
 CACHE=${HPCBNN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/hpcbnn}
 CUDA_DIR=${CUDA_HOME:-/usr/local/cuda-13.0}
 
-say() { printf '[setup] %s\n' "$*"; }
+say() { printf '[setup] %s\n' "$*" >&2; }
 die() { printf '[setup] ERROR: %s\n' "$*" >&2; exit 1; }
 
 sudo_if_needed() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
@@ -49,7 +49,7 @@ horovod_wheel() {
   key="horovod-$HOROVOD_VERSION-torch-$torch_tag-$cuda_tag-$(uname -m)-py$("$PY" -c 'import sys; print(f"{sys.version_info.major}{sys.version_info.minor}")')"
   dir="$CACHE/wheels/$key"
   if ! ls "$dir"/horovod-*.whl >/dev/null 2>&1; then
-    build_horovod "$dir"
+    build_horovod "$dir" >&2
   fi
   ls "$dir"/horovod-*.whl
 }
@@ -84,9 +84,10 @@ install_horovod() {
   local wheel
   wheel=$(horovod_wheel)
   say "installing $(basename "$wheel")"
-  "$PY" -m pip install -q --no-deps "$wheel"
+  "$PY" -m pip install -q "$wheel"
+  "$PY" -c "import horovod.torch" || die "Horovod does not import (above); delete $(dirname "$wheel") and rerun to rebuild it"
   "$PY" -c "import horovod.torch as hvd, sys; sys.exit(not hvd.mpi_built())" \
-    || die "Horovod installed but has no MPI support; delete $(dirname "$wheel") and rerun"
+    || die "Horovod was built without MPI; install libopenmpi-dev, delete $(dirname "$wheel") and rerun"
 }
 
 install_mpi
