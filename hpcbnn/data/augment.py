@@ -1,0 +1,90 @@
+"""Batched image augmentations whose randomness the caller owns.
+
+`aug(x, generator, rows, global_batch)` draws the random parameters (crop offsets, flip
+bits: a few numbers per row) for the whole global batch from `generator`, keeps the
+rows `rows` this rank holds, and applies them to the local `x` in a few tensor ops. So
+example i of a global batch is augmented the same way whichever data group holds it, and
+the engine decides what seeds the generator (per sample, per rank, or shared).
+
+torchvision's v2 transforms do not fit this contract: they draw one parameter set per
+call from the global RNG, not one per example from a given generator. Its functional
+kernels for these two operations are `flip(-1)` and `pad`, so they are written in torch
+directly, which also spares every rank torchvision's import (seconds on a busy node).
+Padding is zero in normalised units, i.e. the channel mean.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from hpcbnn.errors import UsageError
+
+Augmentation = Callable[[torch.Tensor, torch.Generator, slice, int], torch.Tensor]
+PADDING = 4
+
+
+def _draw_flips(generator: torch.Generator, global_batch: int, rows: slice) -> torch.Tensor:
+    return (torch.rand(global_batch, generator=generator, device=generator.device) < 0.5)[rows]
+
+
+def _draw_offsets(generator: torch.Generator, global_batch: int, rows: slice, padding: int) -> torch.Tensor:
+    return torch.randint(0, 2 * padding + 1, (global_batch, 2), generator=generator,
+                         device=generator.device)[rows]
+
+
+def flip(x: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+    """Mirror the images [N, C, H, W] whose bit in `flips` [N] is set."""
+    return torch.where(flips.to(x.device)[:, None, None, None], x.flip(-1), x)
+
+
+def crop(x: torch.Tensor, offsets: torch.Tensor, padding: int) -> torch.Tensor:
+    """Pad by `padding` and cut each image back to H x W at its own (top, left) in `offsets` [N, 2]."""
+    n, c, h, w = x.shape
+    padded = F.pad(x, [padding] * 4)
+    offsets = offsets.to(x.device)
+    top = (offsets[:, 0, None] + torch.arange(h, device=x.device))[:, None, :, None]
+    left = (offsets[:, 1, None] + torch.arange(w, device=x.device))[:, None, None, :]
+    return padded[torch.arange(n, device=x.device)[:, None, None, None],
+                  torch.arange(c, device=x.device)[None, :, None, None], top, left]
+
+
+def _check(name: str, x: torch.Tensor, rows: slice, global_batch: int) -> None:
+    if x.dim() != 4:
+        raise UsageError(f"augmentation {name!r} needs image inputs [C, H, W]; these inputs have "
+                         f"shape {list(x.shape[1:])}; use --augment none")
+    if not 0 <= rows.start < rows.stop <= global_batch or rows.stop - rows.start != len(x):
+        raise ValueError(f"rows {rows} of a global batch of {global_batch} do not match {len(x)} local rows")
+
+
+def _none(x: torch.Tensor, generator: torch.Generator, rows: slice, global_batch: int) -> torch.Tensor:
+    return x
+
+
+def _flip(x: torch.Tensor, generator: torch.Generator, rows: slice, global_batch: int) -> torch.Tensor:
+    _check("flip", x, rows, global_batch)
+    return flip(x, _draw_flips(generator, global_batch, rows))
+
+
+def _crop(x: torch.Tensor, generator: torch.Generator, rows: slice, global_batch: int) -> torch.Tensor:
+    _check("crop", x, rows, global_batch)
+    return crop(x, _draw_offsets(generator, global_batch, rows, PADDING), PADDING)
+
+
+def _cifar(x: torch.Tensor, generator: torch.Generator, rows: slice, global_batch: int) -> torch.Tensor:
+    """The usual CIFAR set: random crop with 4 pixels of padding, then a horizontal flip."""
+    _check("cifar", x, rows, global_batch)
+    offsets = _draw_offsets(generator, global_batch, rows, PADDING)
+    return flip(crop(x, offsets, PADDING), _draw_flips(generator, global_batch, rows))
+
+
+AUGMENTATIONS: dict[str, Augmentation] = {"none": _none, "flip": _flip, "crop": _crop, "cifar": _cifar}
+
+
+def augmentation(name: str) -> Augmentation:
+    """The augmentation called `name`: none, flip, crop (4-pixel padding) or cifar (crop + flip)."""
+    if name not in AUGMENTATIONS:
+        raise UsageError(f"unknown augmentation {name!r}: choose one of {', '.join(AUGMENTATIONS)}")
+    return AUGMENTATIONS[name]

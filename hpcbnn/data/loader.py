@@ -1,0 +1,259 @@
+"""Batches for one rank: shard the global batch across data groups, replicate it within a sample group.
+
+Epoch e visits the split in the order `epoch_order(n, B, seed, e)`, a permutation drawn
+from (seed, epoch) alone, cut into global batches of B. Data group d takes rows
+`grid.local_batch(B)` of every global batch, so the D groups together see each global
+batch exactly once and the K ranks of a sample group get identical examples; the global
+batches are the same for any grid, which the exactness of sample and data parallelism
+rests on. A last incomplete global batch is dropped (`drop_last`) or filled up with the
+first examples of the epoch's order again (marked `valid=False`), so every rank takes
+the same number of steps and nobody waits forever in a collective.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, TypeVar
+
+import h5py
+import numpy as np
+import torch
+
+from hpcbnn.data.format import DatasetInfo, open_dataset, open_h5
+from hpcbnn.errors import UsageError
+
+T = TypeVar("T")
+AUTO_PRELOAD_BYTES = 1 << 30  # above this a rank streams from the file unless preload=True
+
+
+@dataclass
+class Batch:
+    x: torch.Tensor       # float32 [B/D, *input_shape], normalised
+    y: torch.Tensor       # int64 [B/D] or float32 [B/D, d] (normalised regression targets)
+    index: torch.Tensor   # int64 [B/D]: global example indices, in batch order
+    rows: slice           # these are rows `rows` of the global batch (grid.local_batch(B))
+    valid: torch.Tensor   # bool [B/D]: False for fill-up rows of a last batch (drop_last=False)
+    step: int             # position of the batch in the epoch
+
+
+def epoch_order(n: int, batch_size: int, seed: int, epoch: int, shuffle: bool = True,
+                drop_last: bool = True) -> np.ndarray:
+    """The global batches of an epoch as example indices, [steps, batch_size].
+
+    The permutation depends on (seed, epoch) only. Without `drop_last` the order is
+    extended cyclically to fill the last batch.
+    """
+    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+    steps = n // batch_size if drop_last else -(-n // batch_size)
+    return np.resize(order, steps * batch_size).reshape(steps, batch_size)
+
+
+def read_rows(x: h5py.Dataset, sorted_index: np.ndarray, gap: int) -> np.ndarray:
+    """Rows `sorted_index` of `x` in few contiguous reads: runs closer than `gap` rows share one.
+
+    A read of a few unwanted rows inside the same chunk costs less than another HDF5 call
+    (which decodes and checksums that chunk again).
+    """
+    out = np.empty((len(sorted_index),) + x.shape[1:], x.dtype)
+    breaks = np.flatnonzero(np.diff(sorted_index) > gap) + 1
+    for s, e in zip(np.r_[0, breaks].tolist(), np.r_[breaks, len(sorted_index)].tolist()):
+        lo, hi = int(sorted_index[s]), int(sorted_index[e - 1]) + 1
+        block = x[lo:hi]
+        out[s:e] = block if hi - lo == e - s else block[sorted_index[s:e] - lo]
+    return out
+
+
+class _Rows:
+    """The split's inputs for this process: a lazily opened file (never one inherited
+    across fork: it reopens when the process id changes) or rows preloaded into memory."""
+
+    def __init__(self, info: DatasetInfo) -> None:
+        self.info = info
+        self.pid = -1
+        self.file: h5py.File | None = None
+        self.memory: np.ndarray | None = None
+        self.held: np.ndarray | None = None  # sorted global indices of the rows in memory
+
+    def dataset(self) -> h5py.Dataset:
+        if self.file is None or self.pid != os.getpid():
+            self.file, self.pid = open_h5(self.info.path), os.getpid()
+        return self.file[self.info.split]["x"]
+
+    def gap(self) -> int:
+        return self.dataset().chunks[0]
+
+    def preload(self, index: np.ndarray) -> None:
+        self.held = np.unique(index)
+        self.memory = self._read_file(self.held)
+
+    def read(self, sorted_index: np.ndarray) -> np.ndarray:
+        if self.memory is None:
+            return self._read_file(sorted_index)
+        return self.memory[np.searchsorted(self.held, sorted_index)]
+
+    def _read_file(self, sorted_index: np.ndarray) -> np.ndarray:
+        try:
+            return read_rows(self.dataset(), sorted_index, self.gap())
+        except OSError as exc:
+            raise UsageError(f"{self.info.path}: cannot read /{self.info.split}/x ({exc}); the "
+                             f"file is damaged, re-convert or copy it again", collective=False) from None
+
+    def close(self) -> None:
+        if self.file is not None and self.pid == os.getpid():
+            self.file.close()
+        self.file = None
+
+
+def available_memory() -> int:
+    """Bytes this node can still hand out without swapping (Linux MemAvailable)."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("/proc/meminfo has no MemAvailable line")
+
+
+class Loader:
+    """This rank's batches of one split, read from the file in a background thread.
+
+    `preload`: True holds the rows this rank needs in memory (a UsageError if they do not
+    fit), False streams every batch from the file, None (default) preloads when that takes
+    at most 1 GiB per rank and a quarter of the node's available memory.
+    """
+
+    def __init__(self, path: Path | str, split: str, grid, batch_size: int, *,  # noqa: ANN001
+                 seed: int = 0, shuffle: bool = True, drop_last: bool = True, prefetch: int = 2,
+                 preload: bool | None = None, verify: bool = True) -> None:
+        self.info = open_dataset(path, split, verify=verify, comm=grid.world)
+        grid.check(grid.sample_size, batch_size)
+        if batch_size < 1 or (drop_last and self.info.n < batch_size):
+            raise UsageError(f"{self.info.path}: split {split!r} has {self.info.n} examples, fewer than "
+                             f"one global batch of {batch_size}; lower the batch size")
+        if seed < 0:
+            raise UsageError(f"seed {seed} is negative; use a seed >= 0")
+        self.grid, self.batch_size, self.seed = grid, batch_size, seed
+        self.shuffle, self.drop_last, self.prefetch = shuffle, drop_last, prefetch
+        self.rows = grid.local_batch(batch_size)
+        self.source = _Rows(self.info)
+        self.y = self._targets()
+        shape = (-1,) + (1,) * (len(self.info.input_shape) - 1)
+        self.scale = torch.from_numpy(1.0 / self.info.std).float().reshape(shape)
+        self.shift = torch.from_numpy(-self.info.mean / self.info.std).float().reshape(shape)
+        if self._should_preload(preload):
+            self.source.preload(self._needed())
+
+    def _targets(self) -> torch.Tensor:
+        """All targets of the split (small next to the inputs), normalised for regression."""
+        with open_h5(self.info.path) as f:
+            y = f[self.info.split]["y"][:]
+        if self.info.task == "classification":
+            return torch.from_numpy(y.astype(np.int64))
+        return torch.from_numpy(((y - self.info.target_mean) / self.info.target_std).astype(np.float32))
+
+    def _needed(self) -> np.ndarray:
+        """Every row this rank can be asked for: its fixed shard without shuffling, else all."""
+        if self.shuffle:
+            return np.arange(self.info.n)
+        return epoch_order(self.info.n, self.batch_size, self.seed, 0, False, self.drop_last)[:, self.rows]
+
+    def _should_preload(self, preload: bool | None) -> bool:
+        if preload is False:
+            return False
+        row = self.info.x_dtype.itemsize * int(np.prod(self.info.input_shape))
+        need = row * len(np.unique(self._needed()))
+        share = available_memory() // (4 * getattr(self.grid, "local_size", 1))
+        fits = need <= share
+        if preload and not fits:
+            raise UsageError(f"{self.info.path}: preloading split {self.info.split!r} takes "
+                             f"{need / 2**30:.2f} GiB per rank, more than the {share / 2**30:.2f} GiB "
+                             f"share of this node's available memory; do not preload")
+        return fits and (bool(preload) or need <= AUTO_PRELOAD_BYTES)
+
+    @property
+    def preloaded(self) -> bool:
+        return self.source.memory is not None
+
+    def __len__(self) -> int:
+        n, b = self.info.n, self.batch_size
+        return n // b if self.drop_last else -(-n // b)
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The epoch's global batches, [steps, B] example indices (the same on every rank)."""
+        return epoch_order(self.info.n, self.batch_size, self.seed, epoch, self.shuffle, self.drop_last)
+
+    def epoch(self, epoch: int) -> Iterator[Batch]:
+        """This rank's slice of every global batch of `epoch`, prefetched `prefetch` ahead."""
+        order = self.order(epoch)
+        valid = (np.arange(order.size) < self.info.n).reshape(order.shape)[:, self.rows]
+        local = order[:, self.rows]
+        batches = (self._batch(t, local[t], valid[t]) for t in range(len(local)))
+        return _background(batches, self.prefetch) if self.prefetch > 0 else batches
+
+    def _batch(self, step: int, index: np.ndarray, valid: np.ndarray) -> Batch:
+        sort = np.argsort(index, kind="stable")
+        raw = np.empty((len(index),) + self.info.input_shape, self.info.x_dtype)
+        raw[sort] = self.source.read(index[sort])
+        x = torch.from_numpy(raw).float().mul_(self.scale).add_(self.shift)
+        index_t = torch.from_numpy(index.astype(np.int64))
+        return Batch(x=x, y=self.y[index_t], index=index_t, rows=self.rows,
+                     valid=torch.from_numpy(valid), step=step)
+
+    def close(self) -> None:
+        self.source.close()
+
+    def __enter__(self) -> "Loader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+_END = object()
+
+
+class _Failure:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+def _background(items: Iterator[T], depth: int) -> Iterator[T]:
+    """Produce `items` in a thread, up to `depth` ahead; stops the thread when the consumer stops."""
+    q: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+
+    def put(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    return
+            put(_END)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
+            put(_Failure(exc))
+
+    thread = threading.Thread(target=work, name="hpcbnn-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is _END:
+                return
+            if isinstance(item, _Failure):
+                raise item.exc
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+

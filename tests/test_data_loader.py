@@ -1,0 +1,237 @@
+"""The loader: sharding and replication over real mpirun grids, reading, prefetch, augmentations."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from hpcbnn.data import Loader, augmentation, epoch_order
+from hpcbnn.data.augment import crop
+from hpcbnn.data.convert import convert_digits
+from hpcbnn.errors import UsageError
+from hpcbnn.grid import ProcessGrid
+from tests.mpi import run_mpi
+
+PROGRAM = "tests/programs/data_shards.py"
+N_TRAIN, BATCH = 1257, 64
+STEPS, DROPPED = N_TRAIN // BATCH, N_TRAIN % BATCH
+RUNS = {"p1": (1, ["sample"]), "p2": (2, ["sample", "data"]), "p4": (4, ["sample", "data", "hybrid:2"])}
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
+    """Each run starts from an empty cache, so its ranks also create the default data set together."""
+    results = {}
+    for name, (p, layouts) in RUNS.items():
+        work = tmp_path_factory.mktemp(name)
+        out = work / "records.json"
+        r = run_mpi(p, [PROGRAM, str(out), *layouts], timeout=240, env={"HPCBNN_CACHE": str(work / "cache")})
+        assert r.returncode == 0, r.output[-3000:]
+        assert sorted(os.listdir(work / "cache" / "data")) == ["digits.h5"]  # no temporary files left
+        results[name] = json.loads(out.read_text())["records"]
+    return results
+
+
+def layouts() -> list[tuple[str, str]]:
+    return [(run, layout) for run, (_, ls) in RUNS.items() for layout in ls]
+
+
+def global_batches(ranks: list[dict], key: str) -> list[list]:
+    """The global batches put back together: data groups in order, from sample rank 0 of each."""
+    heads = sorted((r for r in ranks if r["sample_rank"] == 0), key=lambda r: r["data_rank"])
+    return [sum((h["batches"][t][key] for h in heads), []) for t in range(len(heads[0]["batches"]))]
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("run, layout", layouts())
+def test_data_groups_share_each_epoch_once(shards: dict, run: str, layout: str) -> None:
+    for epoch in (0, 1):
+        ranks = shards[run][f"{layout}/stream/{epoch}"]
+        seen = [i for batch in global_batches(ranks, "index") for i in batch]
+        assert len(seen) == len(set(seen)) == STEPS * BATCH  # no duplicates, only the remainder dropped
+        assert set(seen) <= set(range(N_TRAIN))
+        for r in ranks:
+            per = BATCH // r["D"]
+            assert r["rows"] == [r["data_rank"] * per, (r["data_rank"] + 1) * per]
+            assert r["steps"] == len(r["batches"]) == STEPS
+            assert all(len(b["index"]) == per for b in r["batches"])
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("run, layout", layouts())
+def test_sample_group_gets_identical_batches(shards: dict, run: str, layout: str) -> None:
+    for case in ("stream/0", "stream/1", "pad/0", "ordered/0"):
+        ranks = shards[run][f"{layout}/{case}"]
+        for r in ranks:
+            head = next(h for h in ranks if h["data_rank"] == r["data_rank"] and h["sample_rank"] == 0)
+            assert r["batches"] == head["batches"]
+        if len({r["data_rank"] for r in ranks}) > 1:
+            first = {r["data_rank"]: r["batches"][0]["index"] for r in ranks}
+            assert first[0] != first[1]
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("run, layout", layouts())
+def test_global_batches_do_not_depend_on_the_grid(shards: dict, run: str, layout: str) -> None:
+    """Exactness rests on this: every grid sees the single-process global batches, row by row
+    (and as each run is a separate job, the order is also deterministic across runs)."""
+    for case in ("stream/0", "stream/1", "preload/0", "pad/0", "ordered/0"):
+        for key in ("index", "x", "y", "valid"):
+            assert global_batches(shards[run][f"{layout}/{case}"], key) == \
+                global_batches(shards["p1"][f"sample/{case}"], key), (case, key)
+
+
+@pytest.mark.mpi
+def test_order_is_new_each_epoch(shards: dict) -> None:
+    epoch0 = global_batches(shards["p1"]["sample/stream/0"], "index")
+    epoch1 = global_batches(shards["p1"]["sample/stream/1"], "index")
+    assert epoch0[0] != epoch1[0]
+    assert sorted(sum(epoch0, [])) != sorted(sum(epoch1, []))  # a different remainder is dropped
+    assert global_batches(shards["p1"]["sample/preload/0"], "x") == global_batches(shards["p1"]["sample/stream/0"], "x")
+
+
+@pytest.mark.mpi
+def test_last_batch_is_filled_from_the_start_of_the_epoch(shards: dict) -> None:
+    for run, layout in layouts():
+        ranks = shards[run][f"{layout}/pad/0"]
+        assert all(r["steps"] == len(r["batches"]) == STEPS + 1 for r in ranks)
+        index, valid = global_batches(ranks, "index"), global_batches(ranks, "valid")
+        flat, ok = sum(index, []), sum(valid, [])
+        assert sorted(i for i, v in zip(flat, ok) if v) == list(range(N_TRAIN))
+        assert ok == [True] * N_TRAIN + [False] * (BATCH - DROPPED)
+        assert flat[N_TRAIN:] == flat[:BATCH - DROPPED]
+
+
+@pytest.mark.mpi
+def test_without_shuffle_the_order_is_the_file_order(shards: dict) -> None:
+    flat = sum(global_batches(shards["p4"]["hybrid:2/ordered/0"], "index"), [])
+    assert flat[:N_TRAIN] == list(range(N_TRAIN))
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return convert_digits(tmp_path_factory.mktemp("digits") / "digits.h5")
+
+
+@pytest.fixture(scope="module")
+def grid() -> ProcessGrid:
+    return ProcessGrid(device="cpu")
+
+
+def test_batches_are_the_normalised_rows_of_the_file(digits: Path, grid: ProcessGrid) -> None:
+    with h5py.File(digits, "r") as f:
+        x, y = f["val/x"][:], f["val/y"][:]
+        mean, std = f.attrs["mean"], f.attrs["std"]
+    with Loader(digits, "val", grid, batch_size=50, seed=3, preload=False) as loader:
+        assert len(loader) == 3 and not loader.preloaded
+        for batch in loader.epoch(2):
+            i = batch.index.numpy()
+            assert batch.x.dtype == torch.float32 and batch.y.dtype == torch.int64
+            np.testing.assert_allclose(batch.x.numpy(), (x[i] - mean[0]) / std[0], rtol=1e-6, atol=1e-6)
+            np.testing.assert_array_equal(batch.y.numpy(), y[i])
+            np.testing.assert_array_equal(i, loader.order(2)[batch.step])
+
+
+def test_small_splits_are_preloaded_by_default(digits: Path, grid: ProcessGrid) -> None:
+    with Loader(digits, "test", grid, batch_size=60) as loader:
+        assert loader.preloaded
+        preloaded = [b.x for b in loader.epoch(0)]
+    with Loader(digits, "test", grid, batch_size=60, preload=False) as loader:
+        assert [torch.equal(a, b.x) for a, b in zip(preloaded, loader.epoch(0))] == [True] * 6
+
+
+def test_fewer_examples_than_one_batch_is_a_usage_error(digits: Path, grid: ProcessGrid) -> None:
+    with pytest.raises(UsageError, match=r"'val' has 180 examples, fewer than one global batch of 256"):
+        Loader(digits, "val", grid, batch_size=256)
+    assert len(Loader(digits, "val", grid, batch_size=256, drop_last=False)) == 1
+
+
+def test_stopping_early_stops_the_prefetch_thread(digits: Path, grid: ProcessGrid) -> None:
+    before = threading.active_count()
+    with Loader(digits, "train", grid, batch_size=16, prefetch=3, preload=False) as loader:
+        batches = loader.epoch(0)
+        assert [next(batches).step for _ in range(3)] == [0, 1, 2]
+        assert threading.active_count() == before + 1
+        batches.close()
+        assert threading.active_count() == before
+
+
+def test_a_damaged_chunk_fails_the_epoch_with_the_file_named(tmp_path: Path, grid: ProcessGrid) -> None:
+    path = convert_digits(tmp_path / "d.h5")
+    with h5py.File(path, "r") as f:
+        offset = f["train/x"].id.get_chunk_info(3).byte_offset
+    with open(path, "r+b") as f:
+        f.seek(offset + 10)
+        f.write(b"\xff\x00\xff")
+    loader = Loader(path, "train", grid, batch_size=64, shuffle=False, verify=False, preload=False)
+    with pytest.raises(UsageError, match=rf"{path}: cannot read /train/x .*damaged"):
+        list(loader.epoch(0))
+
+
+def test_a_forked_child_opens_the_file_itself(digits: Path, grid: ProcessGrid) -> None:
+    loader = Loader(digits, "train", grid, batch_size=32, prefetch=0, preload=False)
+    first = next(iter(loader.epoch(0)))
+    pid = os.fork()
+    if pid == 0:
+        again = next(iter(loader.epoch(0)))
+        os._exit(0 if torch.equal(again.x, first.x) and loader.source.pid == os.getpid() else 1)
+    assert os.waitpid(pid, 0)[1] == 0
+
+
+def test_epoch_order_cuts_a_seeded_permutation() -> None:
+    order = epoch_order(10, 4, seed=1, epoch=0)
+    assert order.shape == (2, 4) and len(set(order.ravel())) == 8
+    np.testing.assert_array_equal(order, epoch_order(10, 4, seed=1, epoch=0))
+    assert not np.array_equal(order, epoch_order(10, 4, seed=1, epoch=1))
+    assert not np.array_equal(order, epoch_order(10, 4, seed=2, epoch=0))
+    padded = epoch_order(10, 4, seed=1, epoch=0, drop_last=False)
+    assert padded.shape == (3, 4) and sorted(padded.ravel()[:10]) == list(range(10))
+
+
+def generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("name", ["flip", "crop", "cifar"])
+def test_augmenting_a_shard_equals_augmenting_the_global_batch(name: str) -> None:
+    aug = augmentation(name)
+    x = torch.randn(12, 3, 8, 8)
+    whole = aug(x, generator(5), slice(0, 12), 12)
+    parts = [aug(x[s:s + 4], generator(5), slice(s, s + 4), 12) for s in (0, 4, 8)]
+    assert torch.equal(torch.cat(parts), whole)
+    assert not torch.equal(whole, x)
+    assert not torch.equal(whole, aug(x, generator(6), slice(0, 12), 12))
+
+
+def test_flip_mirrors_some_rows_and_keeps_the_others() -> None:
+    x = torch.randn(64, 2, 4, 5)
+    out = augmentation("flip")(x, generator(0), slice(0, 64), 64)
+    flipped = [torch.equal(o, r.flip(-1)) for o, r in zip(out, x)]
+    kept = [torch.equal(o, r) for o, r in zip(out, x)]
+    assert all(f != k for f, k in zip(flipped, kept)) and 10 < sum(flipped) < 54
+
+
+def test_crop_cuts_each_image_at_its_own_offset() -> None:
+    x = torch.randn(5, 3, 6, 7)
+    offsets = torch.tensor([[0, 0], [4, 4], [8, 8], [1, 7], [6, 2]])
+    out = crop(x, offsets, 4)
+    for img, o, (top, left) in zip(x, out, offsets.tolist()):
+        padded = torch.zeros(3, 14, 15)
+        padded[:, 4:10, 4:11] = img
+        assert torch.equal(o, padded[:, top:top + 6, left:left + 7])
+
+
+def test_augmentations_reject_what_they_cannot_do() -> None:
+    with pytest.raises(UsageError, match="unknown augmentation 'rotate'"):
+        augmentation("rotate")
+    with pytest.raises(UsageError, match=r"needs image inputs \[C, H, W\].*\[64\]"):
+        augmentation("cifar")(torch.randn(4, 64), generator(0), slice(0, 4), 4)
+    x = torch.randn(4, 64)
+    assert augmentation("none")(x, generator(0), slice(0, 4), 4) is x
