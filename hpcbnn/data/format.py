@@ -335,6 +335,7 @@ class DatasetWriter:
         return self.path
 
     def abort(self) -> None:
+        """Drop the temporary file: nothing appears at `path`."""
         self.file.close()
         self.tmp.unlink(missing_ok=True)
 
@@ -342,7 +343,11 @@ class DatasetWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:  # noqa: ANN001
-        if exc_type is None:
-            self.close()
-        else:
+        if exc_type is not None:
             self.abort()
+            return
+        try:
+            self.close()
+        except BaseException:
+            self.abort()
+            raise
