@@ -60,7 +60,7 @@ class RunDir:
         path = latest_checkpoint(self.path)
         if path is None:
             return None
-        return load_checkpoint(path, model_fingerprint(model), map_location=self.grid.device)
+        return load_checkpoint(path, model_fingerprint(model))  # on the CPU: torch.set_rng_state needs it there
 
 
 def rng_state() -> dict[str, torch.Tensor]:

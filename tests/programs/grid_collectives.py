@@ -1,4 +1,4 @@
-"""Build the grid and exercise every collective; print one JSON line per rank."""
+"""Build the grid and exercise every collective; rank 0 prints every rank's record as JSON."""
 
 import json
 import sys
@@ -31,7 +31,7 @@ gathered = comm.allgather(x, "sample")
 weights = torch.arange(1.0, gathered.numel() + 1, dtype=torch.float64).view_as(gathered)
 (gathered * weights).sum().backward()
 
-print(json.dumps({
+record = {
     "rank": grid.rank, "data_rank": grid.data_rank, "sample_rank": grid.sample_rank,
     "K": grid.sample_size, "D": grid.data_size, "local_rank": grid.local_rank,
     "sample_members": grid.sample_comm.allgather(grid.rank),
@@ -39,4 +39,7 @@ print(json.dumps({
     "sums": sums, "mean": mean.item(), "broadcast": b.tolist(),
     "gathered": gathered.detach().tolist(), "gather_grad": x.grad.tolist(),
     "device": str(grid.device),
-}), flush=True)
+}
+records = grid.world.gather(record, root=0)
+if grid.is_root:
+    print(json.dumps(records), flush=True)
