@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 from pathlib import Path
+from typing import Callable
 
 from hpcbnn.data import convert
 from hpcbnn.data.format import SPLITS, open_dataset
@@ -18,13 +20,19 @@ def _flag(name: str) -> list[str]:
     return [f"--{name}", f"--{name.replace('_', '-')}"] if "_" in name else [f"--{name}"]
 
 
+def _command(sub: argparse._SubParsersAction, name: str, fn: Callable, help: str) -> argparse.ArgumentParser:
+    """A subcommand whose --help shows its converter's docstring."""
+    return sub.add_parser(name, help=help, description=inspect.cleandoc(fn.__doc__ or help),
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def _splits(p: argparse.ArgumentParser, test: float | None = 0.1) -> None:
-    p.add_argument(*_flag("val_fraction"), type=float, default=0.1,
+    p.add_argument(*_flag("val_fraction"), type=float, default=0.1, metavar="F",
                    help="share of the training examples held out for validation (default 0.1)")
     if test is not None:
-        p.add_argument(*_flag("test_fraction"), type=float, default=test,
+        p.add_argument(*_flag("test_fraction"), type=float, default=test, metavar="F",
                        help=f"share held out for testing when the source has no test split (default {test})")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random split (default 0)")
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the random split (default 0)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -33,52 +41,54 @@ def parser() -> argparse.ArgumentParser:
     top.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("digits", help="scikit-learn's bundled digits (the default data set)")
+    p = _command(sub, "digits", convert.convert_digits, "scikit-learn's bundled digits (the default data set)")
     p.add_argument("out", type=Path, nargs="?", default=convert.cache_dir() / "digits.h5",
                    help="output file (default: %(default)s)")
 
     for name, inputs, what in (("npz", ["IN.npz"], "a NumPy .npz with x, y or x_train, y_train [, x_val, "
                                 "y_val, x_test, y_test]"),
                                ("npy", ["X.npy", "Y.npy"], "inputs and targets as two NumPy .npy files")):
-        p = sub.add_parser(name, help=what, description=what)
+        p = _command(sub, name, convert.convert_npz if name == "npz" else convert.convert_npy, what)
         for arg in inputs:
             p.add_argument(arg.split(".")[0].lower() + "_path", metavar=arg, type=Path)
         p.add_argument("out", type=Path, metavar="OUT.h5")
         p.add_argument("--task", choices=["auto", "classification", "regression"], default="auto",
                        help="auto: integer labels [N] are classification, anything else regression")
-        p.add_argument(*_flag("num_classes"), type=int, help="classes (default: largest label + 1)")
+        p.add_argument(*_flag("num_classes"), type=int, metavar="K", help="classes (default: largest label + 1)")
         p.add_argument(*_flag("channels_last"), action="store_true",
                        help="images are [N, H, W, C]; store them channels first")
         _splits(p)
 
-    p = sub.add_parser("cifar", help="CIFAR-10 / CIFAR-100 python batches (cifar-10-batches-py/ etc.)")
+    p = _command(sub, "cifar", convert.convert_cifar, "CIFAR-10 / CIFAR-100 python batches (cifar-10-batches-py/ etc.)")
     p.add_argument("directory", type=Path, metavar="DIR")
     p.add_argument("out", type=Path, metavar="OUT.h5")
     p.add_argument("--coarse", action="store_true", help="CIFAR-100: the 20 coarse labels")
     _splits(p, test=None)
 
-    p = sub.add_parser("mnist", help="MNIST / Fashion-MNIST raw IDX files, optionally gzipped")
+    p = _command(sub, "mnist", convert.convert_mnist, "MNIST / Fashion-MNIST raw IDX files, optionally gzipped")
     p.add_argument("directory", type=Path, metavar="DIR")
     p.add_argument("out", type=Path, metavar="OUT.h5")
     _splits(p, test=None)
 
-    p = sub.add_parser("imagefolder", help="an ImageFolder tree DIR/class/img.png, or DIR/{train,val,test}/class/...")
+    p = _command(sub, "imagefolder", convert.convert_imagefolder, "an ImageFolder tree DIR/class/img.png, or DIR/{train,val,test}/class/...")
     p.add_argument("directory", type=Path, metavar="DIR")
     p.add_argument("out", type=Path, metavar="OUT.h5")
     p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="resize every image to H x W")
     p.add_argument("--grayscale", action="store_true", help="one channel instead of RGB")
     _splits(p)
 
-    p = sub.add_parser("csv", help="a CSV time series as sliding windows, split by time")
+    p = _command(sub, "csv", convert.convert_csv, "a CSV time series as sliding windows, split by time")
     p.add_argument("csv_path", type=Path, metavar="IN.csv")
     p.add_argument("out", type=Path, metavar="OUT.h5")
-    p.add_argument(*_flag("input_length"), type=int, required=True, help="time steps per input window")
-    p.add_argument("--horizon", type=int, default=1, help="future time steps to predict (default 1)")
-    p.add_argument("--stride", type=int, default=1, help="time steps between window starts (default 1)")
-    p.add_argument("--columns", "--column", nargs="+", help="input columns (default: all numeric ones)")
-    p.add_argument("--targets", "--target", nargs="+", help="predicted columns (default: the inputs)")
-    p.add_argument(*_flag("val_fraction"), type=float, default=0.1, help="share of time for validation")
-    p.add_argument(*_flag("test_fraction"), type=float, default=0.2, help="final share of time for testing")
+    p.add_argument(*_flag("input_length"), type=int, required=True, metavar="L", help="time steps per input window")
+    p.add_argument("--horizon", type=int, default=1, metavar="H", help="future time steps to predict (default 1)")
+    p.add_argument("--stride", type=int, default=1, metavar="S", help="time steps between window starts (default 1)")
+    p.add_argument("--columns", "--column", nargs="+", metavar="COLUMN", help="input columns (default: all numeric ones)")
+    p.add_argument("--targets", "--target", nargs="+", metavar="COLUMN", help="predicted columns (default: the inputs)")
+    p.add_argument(*_flag("val_fraction"), type=float, default=0.1, metavar="F",
+                   help="share of time for validation, after the training part (default 0.1)")
+    p.add_argument(*_flag("test_fraction"), type=float, default=0.2, metavar="F",
+                   help="final share of time for testing (default 0.2)")
 
     p = sub.add_parser("info", help="validate a file (every value) and describe it")
     p.add_argument("path", type=Path, metavar="FILE.h5")

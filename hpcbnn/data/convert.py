@@ -18,7 +18,7 @@ from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
-from hpcbnn.data.format import SCHEMA_VERSION, SPLITS, DatasetWriter, open_h5
+from hpcbnn.data.format import SCHEMA_VERSION, SPLITS, DatasetWriter, find_bad_values, open_h5
 from hpcbnn.errors import UsageError
 
 BLOCK_BYTES = 8 * 1024 * 1024
@@ -97,9 +97,10 @@ def convert_arrays(out: Path | str, splits: Mapping[str, tuple[np.ndarray, np.nd
     names = list(splits)
     task, ys, num_classes = as_targets([splits[s][1] for s in names], task, num_classes, source)
     parts = {s: (xs[s], y, np.arange(len(y))) for s, y in zip(names, ys)}
-    for s in names:
-        if len(splits[s][0]) != len(splits[s][1]):
-            raise UsageError(f"{source}: {s} has {len(splits[s][0])} inputs but {len(splits[s][1])} targets")
+    for s, (x, y, _) in parts.items():
+        if len(x) != len(y):
+            raise UsageError(f"{source}: {s} has {len(x)} inputs but {len(y)} targets")
+        _check_values(x, y, task, num_classes, f"{source}: {s}")
     x, y, _ = parts["train"]
     n = len(y)
     carved = split_indices(n, _count(n, val_fraction, "--val_fraction") if "val" not in parts else 0,
@@ -107,6 +108,15 @@ def convert_arrays(out: Path | str, splits: Mapping[str, tuple[np.ndarray, np.nd
     parts = {s: parts[s] if s in parts and s != "train" else (x, y, carved[s]) for s in SPLITS}
     return write_arrays(out, parts, task=task, num_classes=num_classes, source=source,
                         class_names=class_names, progress=progress)
+
+
+def _check_values(x: np.ndarray, y: np.ndarray, task: str, num_classes: int, where: str) -> None:
+    """Reject NaN/inf and bad labels before rows are split, so the message gives the source row."""
+    step = max(1, BLOCK_BYTES // max(1, x[0].nbytes))
+    for start in range(0, len(x), step):
+        problem = find_bad_values(x[start:start + step], y[start:start + step], task, num_classes, start)
+        if problem:
+            raise UsageError(f"{where}: {problem}")
 
 
 def convert_npz(path: Path | str, out: Path | str, **options: object) -> Path:
@@ -314,7 +324,7 @@ def convert_csv(path: Path | str, out: Path | str, *, input_length: int, horizon
     if columns is None:
         columns = [name for name, value in zip(header, first) if _is_number(value)]
     targets = list(targets or columns)
-    unknown = [c for c in [*columns, *targets] if c not in header]
+    unknown = [c for c in dict.fromkeys([*columns, *targets]) if c not in header]
     if unknown or not columns:
         raise UsageError(f"{path}: no column(s) {unknown or 'with numbers'}; the header has {header}")
     used = list(dict.fromkeys([*columns, *targets]))
@@ -322,7 +332,7 @@ def convert_csv(path: Path | str, out: Path | str, *, input_length: int, horizon
         series = np.loadtxt(path, delimiter=",", skiprows=1, ndmin=2,
                             usecols=[header.index(c) for c in used])
     except ValueError as exc:
-        raise UsageError(f"{path}: {exc}") from None
+        raise UsageError(f"{path}: {_bad_cell(path, used, header) or exc}") from None
     bad = ~np.isfinite(series)
     if bad.any():
         r, c = np.argwhere(bad)[0]
@@ -343,6 +353,20 @@ def convert_csv(path: Path | str, out: Path | str, *, input_length: int, horizon
         parts[split] = (x, y, np.arange(len(w)))
     return write_arrays(out, parts, task="regression", num_classes=horizon * len(targets),
                         source=str(path), progress=progress)
+
+
+def _bad_cell(path: Path, used: list[str], header: list[str]) -> str | None:
+    """Where numpy's fast parser gave up, as line and column name (read again, slowly, only then)."""
+    with open(path, newline="") as f:
+        for line, row in enumerate(csv.reader(f), 1):
+            if line == 1:
+                continue
+            for name in used:
+                i = header.index(name)
+                value = row[i] if i < len(row) else ""
+                if not _is_number(value):
+                    return f"line {line}, column {name!r}: {value!r} is not a number"
+    return None
 
 
 def _is_number(text: str) -> bool:
