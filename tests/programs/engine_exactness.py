@@ -43,7 +43,7 @@ for kind in ("mlp", "cnn"):
     for objective in ("elbo", "predictive"):
         model = network(kind)
         initial = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)  # scale-sensitive, unlike Adam
         engine = Engine(model, optimizer, grid, comm, samples=S, batch_size=B, n_train=len(digits.target),
                         seed=SEED, objective=objective, hierarchical=hierarchical,
                         augment=augmentation("flip") if kind == "cnn" else None)
