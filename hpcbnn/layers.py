@@ -18,6 +18,7 @@ batch statistics per sample block.
 from __future__ import annotations
 
 import math
+import threading
 from typing import Any, Callable, Sequence
 
 import torch
@@ -59,6 +60,8 @@ class BayesianModule(nn.Module):
         self.init_std = init_std
         self.estimator = estimator
         self.noise_key = next_key()
+        self._eps: Tensor | None = None
+        self._lease: object | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -86,12 +89,9 @@ class BayesianModule(nn.Module):
 
     def kl(self) -> Tensor:
         """KL(q || p) = sum log(s/sigma) + (sigma^2 + mu^2) / (2 s^2) - 1/2, in closed form."""
-        s2 = self.prior_scale ** 2
         total = self.weight_mu.new_zeros(())
         for mu, rho in self._pairs():
-            sigma = F.softplus(rho)
-            total = total + (math.log(self.prior_scale) - sigma.log() + (sigma.square() + mu.square()) / (2 * s2)
-                             - 0.5).sum()
+            total = total + _GaussianKL.apply(mu, rho, self.prior_scale)
         return total
 
     def samples_here(self) -> int:
@@ -101,32 +101,63 @@ class BayesianModule(nn.Module):
             return len(ctx.samples)
         return 1 if self.training else 0
 
-    def sample(self) -> tuple[Tensor, Tensor | None]:
-        """k weight samples [k, *weight] and bias samples [k, bias] (weight and bias noise drawn together)."""
+    def noise(self, reuse: bool = False) -> tuple[Tensor, Tensor | None]:
+        """eps for the k samples: [k, *weight] and [k, bias] (or None), drawn together.
+
+        With `reuse`, the previous step's buffer is refilled unless a graph that has not
+        been back-propagated yet still holds it (see `_ReparamLinear`): fresh large
+        allocations cost page faults on every step.
+        """
         mu_w = self.weight_mu
         nw = mu_w.numel()
         nb = 0 if self.bias_mu is None else self.bias_mu.numel()
-        eps = weight_noise(self.noise_key, (nw + nb,), mu_w.dtype, mu_w.device)
+        spare = self._eps if reuse and self._lease is None else None
+        eps = weight_noise(self.noise_key, (nw + nb,), mu_w.dtype, mu_w.device, reuse=spare)
+        if reuse:
+            self._eps = eps
         k = eps.shape[0]
-        w = torch.addcmul(mu_w, F.softplus(self.weight_rho), eps[:, :nw].view(k, *mu_w.shape))
-        if self.bias_mu is None:
-            return w, None
-        return w, torch.addcmul(self.bias_mu, F.softplus(self.bias_rho), eps[:, nw:])
+        return eps[:, :nw].view(k, *mu_w.shape), (None if self.bias_mu is None else eps[:, nw:])
+
+    def sample_bias(self, eps_b: Tensor | None) -> Tensor | None:
+        if self.bias_mu is None or eps_b is None:
+            return None
+        return torch.addcmul(self.bias_mu, F.softplus(self.bias_rho), eps_b)
+
+    def sample(self) -> tuple[Tensor, Tensor | None]:
+        """k weight samples [k, *weight] and bias samples [k, bias]."""
+        eps_w, eps_b = self.noise()
+        return torch.addcmul(self.weight_mu, F.softplus(self.weight_rho), eps_w), self.sample_bias(eps_b)
 
     def perturbation(self) -> tuple[Tensor, Tensor | None]:
         """sigma * eps for k samples (Flipout's weight perturbation) and the k sampled biases."""
-        mu_w = self.weight_mu
-        nw = mu_w.numel()
-        nb = 0 if self.bias_mu is None else self.bias_mu.numel()
-        eps = weight_noise(self.noise_key, (nw + nb,), mu_w.dtype, mu_w.device)
-        k = eps.shape[0]
-        dw = F.softplus(self.weight_rho) * eps[:, :nw].view(k, *mu_w.shape)
-        if self.bias_mu is None:
-            return dw, None
-        return dw, torch.addcmul(self.bias_mu, F.softplus(self.bias_rho), eps[:, nw:])
+        eps_w, eps_b = self.noise()
+        return F.softplus(self.weight_rho) * eps_w, self.sample_bias(eps_b)
 
     def extra_repr(self) -> str:
         return f"prior_scale={self.prior_scale}, init_std={self.init_std}, estimator={self.estimator!r}"
+
+
+class _GaussianKL(torch.autograd.Function):
+    """KL(N(mu, softplus(rho)^2) || N(0, s^2)) summed, with its analytic gradient:
+    dKL/dmu = mu / s^2, dKL/drho = (sigma / s^2 - 1 / sigma) * sigmoid(rho).
+    Reductions are dot products, so no parameter-sized temporary outlives a line."""
+
+    @staticmethod
+    def forward(ctx: Any, mu: Tensor, rho: Tensor, s: float) -> Tensor:
+        sigma = F.softplus(rho).view(-1)
+        m = mu.reshape(-1)
+        quadratic = (torch.dot(sigma, sigma) + torch.dot(m, m)) / (2 * s * s)
+        ctx.save_for_backward(mu, rho)
+        ctx.s = s
+        return mu.numel() * (math.log(s) - 0.5) - sigma.log_().sum() + quadratic
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None]:
+        mu, rho = ctx.saved_tensors
+        s2 = ctx.s * ctx.s
+        sigma = F.softplus(rho)
+        dsigma = sigma.reciprocal().neg_().add_(sigma, alpha=1 / s2)
+        return mu * (grad / s2), dsigma.mul_(torch.sigmoid(rho)).mul_(grad), None
 
 
 def _sample_major(t: Tensor, k: int) -> Tensor:
@@ -168,8 +199,11 @@ class BayesianLinear(BayesianModule):
             return F.linear(x, self.weight_mu, self.bias_mu)
         _check_rows(x, k, self)
         if self.estimator == "reparam":
-            w, b = self.sample()
-            return batched_linear(x, w, b)
+            eps_w, eps_b = self.noise(reuse=True)
+            x3 = x.reshape(k, -1, self.in_features)
+            y = _ReparamLinear.apply(x3, self.weight_mu, F.softplus(self.weight_rho), eps_w,
+                                     self.sample_bias(eps_b), self)
+            return y.reshape(*x.shape[:-1], self.out_features)
         if self.estimator == "local":
             mean = F.linear(x, self.weight_mu, self.bias_mu)
             var = F.linear(x.square(), F.softplus(self.weight_rho).square(),
@@ -202,6 +236,64 @@ def batched_linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     else:
         y = torch.baddbmm(b.unsqueeze(1), x3, w.transpose(1, 2))
     return y.reshape(*x.shape[:-1], out_features)
+
+
+class _ReparamLinear(torch.autograd.Function):
+    """y_s = x_s (mu + sigma * eps_s)^T + b_s, one bmm for all k samples, lean in memory and passes.
+
+    Autograd would keep the k weight copies and eps and reduce the broadcast gradient with
+    out-of-place products; here only eps is saved, the weights are rebuilt in backward in
+    a workspace shared by all layers, and d/dmu, d/dsigma are sums over the k samples of
+    dW_s and dW_s * eps_s, taken as matrix-vector products. While the graph holds eps the
+    layer carries a lease, so its next forward does not refill that buffer.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x3: Tensor, mu: Tensor, sigma: Tensor, eps: Tensor, bias: Tensor | None,
+                layer: BayesianModule) -> Tensor:
+        w = torch.addcmul(mu, sigma, eps, out=_workspace(eps))
+        wt = w.transpose(1, 2)
+        y = torch.bmm(x3, wt) if bias is None else torch.baddbmm(bias.unsqueeze(1), x3, wt)
+        ctx.save_for_backward(x3, mu, sigma, eps)
+        ctx.has_bias = bias is not None
+        if any(ctx.needs_input_grad):
+            ctx.layer, ctx.lease = layer, object()
+            layer._lease = ctx.lease
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x3, mu, sigma, eps = ctx.saved_tensors
+        k = eps.shape[0]
+        work = _workspace(eps)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.bmm(grad, torch.addcmul(mu, sigma, eps, out=work))
+        grad_w = torch.bmm(grad.transpose(1, 2), x3, out=work).view(k, -1)
+        ones = grad_w.new_ones(1, k)
+        grad_mu = (ones @ grad_w).view_as(mu)
+        grad_sigma = (ones @ grad_w.mul_(eps.reshape(k, -1))).view_as(sigma)
+        grad_bias = grad.sum(1) if ctx.has_bias else None
+        if ctx.layer._lease is ctx.lease:
+            ctx.layer._lease = None
+        return grad_x, grad_mu, grad_sigma, None, grad_bias, None
+
+
+class _Workspace(threading.local):
+    def __init__(self) -> None:
+        self.buffers: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+
+
+_work = _Workspace()
+
+
+def _workspace(like: Tensor) -> Tensor:
+    """Scratch of `like`'s shape, shared by the layers (used only inside one forward or backward)."""
+    key = (like.device, like.dtype)
+    buf = _work.buffers.get(key)
+    if buf is None or buf.numel() < like.numel():
+        buf = _work.buffers[key] = torch.empty(like.numel(), dtype=like.dtype, device=like.device)
+    return buf[:like.numel()].view(like.shape)
 
 
 class SampledOperand:

@@ -133,12 +133,20 @@ def _draw(out: torch.Tensor, ctx: Sampling, key: int, stream: int,
     _parallel(fill, out.shape[0], per, out.device)
 
 
-def weight_noise(key: int, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Standard normal noise [k, *shape] for the k samples of the context (k = 1 from the global RNG outside)."""
+def weight_noise(key: int, shape: Sequence[int], dtype: torch.dtype, device: torch.device,
+                 reuse: torch.Tensor | None = None) -> torch.Tensor:
+    """Standard normal noise [k, *shape] for the k samples of the context (k = 1 from the global RNG outside).
+
+    `reuse`, a tensor from an earlier call, is refilled in place when its shape, dtype and
+    device fit: large fresh allocations cost page faults on every step.
+    """
     ctx = current()
+    k = 1 if ctx is None else len(ctx.samples)
+    full = (k, *shape)
+    fits = reuse is not None and reuse.shape == full and reuse.dtype == dtype and reuse.device == torch.device(device)
+    out = reuse if fits else torch.empty(full, dtype=dtype, device=device)
     if ctx is None:
-        return torch.randn(1, *shape, dtype=dtype, device=device)
-    out = torch.empty(len(ctx.samples), *shape, dtype=dtype, device=device)
+        return out.normal_()
     _draw(out, ctx, key, WEIGHTS, lambda t, g: t.normal_(generator=g))
     return out
 

@@ -1,0 +1,145 @@
+"""What do S weight samples cost? One Bayesian training step vs the deterministic net on S*B.
+
+    python -m benchmarks.layers [--threads 2] [--models mlp vit] [--samples 16] [--batch 128]
+
+For each model (the MLP 784-1024-1024-10 and the small ViT for 32x32 images) it times one
+training step (forward, backward, Adam step) of the Bayesian network with S samples on a
+batch of B, against the same deterministic network on a batch of S*B (the same FLOPs),
+alternating the two in one process and taking medians. Peak memory: each variant runs its
+steps again in a fresh subprocess, which reports its peak resident set size
+(VmHWM) and the resident size just before the model was built; the ratio of the differences is the
+memory the step itself needs (parameters, optimizer state, activations, weight samples),
+the ratio of the peaks what the whole process needs. Targets: time <= 1.5, memory <= 1.2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hpcbnn.bayesianize import bayesianize
+from hpcbnn.layers import kl_divergence
+from hpcbnn.models import mlp, small_vit
+from hpcbnn.noise import sampling
+from hpcbnn.objectives import categorical_loglik, elbo_loss
+
+N_TRAIN = 50_000
+
+
+def build(model: str) -> tuple[nn.Module, tuple[int, ...]]:
+    if model == "mlp":
+        return mlp(784, [1024, 1024], 10), (784,)
+    return small_vit(10), (3, 32, 32)
+
+
+class Step:
+    """One optimizer step of a deterministic (batch S*B) or Bayesian (S samples x B) network."""
+
+    def __init__(self, model: str, bayesian: bool, samples: int, batch: int) -> None:
+        torch.manual_seed(0)
+        net, shape = build(model)
+        self.net = bayesianize(net) if bayesian else net
+        self.bayesian, self.samples, self.batch = bayesian, samples, batch
+        rows = batch if bayesian else samples * batch
+        self.x = torch.randn(rows, *shape)
+        self.y = torch.randint(0, 10, (rows,))
+        self.opt = torch.optim.Adam(self.net.parameters(), lr=1e-4)
+        self.t = 0
+
+    def __call__(self) -> float:
+        start = time.perf_counter()
+        self.opt.zero_grad(set_to_none=True)
+        if self.bayesian:
+            s, b = self.samples, self.batch
+            with sampling(0, self.t, range(s)):
+                out = self.net(self.x.expand(s, *self.x.shape).reshape(s * b, *self.x.shape[1:]))
+            loss = elbo_loss(categorical_loglik(out.view(s, b, -1), self.y), kl_divergence(self.net), N_TRAIN)
+        else:
+            loss = F.cross_entropy(self.net(self.x), self.y)
+        loss.backward()
+        self.opt.step()
+        self.t += 1
+        return time.perf_counter() - start
+
+
+def status_kib(field: str) -> int:
+    """VmRSS (now) or VmHWM (peak) of this process; unlike ru_maxrss, not inherited over fork+exec."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def child(model: str, bayesian: bool, samples: int, batch: int, steps: int) -> None:
+    """Run in a fresh process: print the resident size before the model and the peak after `steps`."""
+    before = status_kib("VmRSS")
+    step = Step(model, bayesian, samples, batch)
+    for _ in range(steps):
+        step()
+    peak = status_kib("VmHWM")
+    print(json.dumps({"before_kib": before, "peak_kib": peak}))
+
+
+def memory(model: str, bayesian: bool, args: argparse.Namespace) -> dict[str, int]:
+    cmd = [sys.executable, "-m", "benchmarks.layers", "--child", model, str(int(bayesian)),
+           "--threads", str(args.threads), "--samples", str(args.samples), "--batch", str(args.batch)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def compare(model: str, args: argparse.Namespace) -> dict[str, float]:
+    det = Step(model, False, args.samples, args.batch)
+    bayes = Step(model, True, args.samples, args.batch)
+    det(), bayes()  # warm-up: allocator, thread pools
+    times: dict[str, list[float]] = {"det": [], "bayes": []}
+    for _ in range(args.repeats):
+        times["det"].append(det())
+        times["bayes"].append(bayes())
+    del det, bayes
+    t_det, t_bayes = statistics.median(times["det"]), statistics.median(times["bayes"])
+    m_det, m_bayes = memory(model, False, args), memory(model, True, args)
+
+    def step_mib(m: dict[str, int]) -> float:
+        return (m["peak_kib"] - m["before_kib"]) / 1024
+
+    return {"t_det": t_det, "t_bayes": t_bayes, "time_ratio": t_bayes / t_det,
+            "mem_det": step_mib(m_det), "mem_bayes": step_mib(m_bayes),
+            "mem_ratio": step_mib(m_bayes) / step_mib(m_det),
+            "peak_det": m_det["peak_kib"] / 1024, "peak_bayes": m_bayes["peak_kib"] / 1024,
+            "peak_ratio": m_bayes["peak_kib"] / m_det["peak_kib"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--models", nargs="+", choices=("mlp", "vit"), default=["mlp", "vit"])
+    parser.add_argument("--samples", type=int, default=16, help="S, Monte-Carlo samples per step")
+    parser.add_argument("--batch", type=int, default=128, help="B, examples per step")
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps per variant (median)")
+    parser.add_argument("--child", nargs=2, metavar=("MODEL", "BAYESIAN"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.child:
+        child(args.child[0], bool(int(args.child[1])), args.samples, args.batch, steps=2)
+        return
+    print(f"S={args.samples} B={args.batch}, {args.threads} threads; deterministic net on a batch of "
+          f"{args.samples * args.batch}; time: median of {args.repeats} alternating steps; "
+          f"memory: step = peak RSS - RSS before the model, peak = whole process")
+    print(f"{'model':6} {'det s':>8} {'bayes s':>8} {'time x':>7} {'det MiB':>8} {'bayes MiB':>9} "
+          f"{'step mem x':>10} {'peak x':>7}")
+    for model in args.models:
+        r = compare(model, args)
+        print(f"{model:6} {r['t_det']:8.3f} {r['t_bayes']:8.3f} {r['time_ratio']:7.2f} {r['mem_det']:8.0f} "
+              f"{r['mem_bayes']:9.0f} {r['mem_ratio']:10.2f} {r['peak_ratio']:7.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
