@@ -2,9 +2,11 @@
 
 A `UsageError` is something the user can fix (bad flag, bad file, impossible grid).
 When all ranks detect it together (they validate the same inputs), rank 0 prints it and
-every rank exits with `EXIT_USAGE`. Anything else raised on one rank is reported by that
-rank (with its rank and host) and the whole job is aborted through MPI, because its
-peers may already be blocked in a collective that will never complete.
+every rank exits with `EXIT_USAGE`; the launcher ends the job when rank 0 exits. Should
+only some ranks hit it after all (a file missing on one node), a non-root rank prints it
+after `GRACE_SECONDS` if it is still alive, so the error is never silent. Anything else
+raised on one rank is reported by that rank (with its rank and host) and the whole job is
+aborted through MPI, because its peers may be blocked in a collective that never completes.
 """
 
 from __future__ import annotations
@@ -13,12 +15,14 @@ import functools
 import os
 import socket
 import sys
+import time
 import traceback
 from typing import Callable, TypeVar
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
 EXIT_REQUEUE = 75  # checkpoint written on SIGTERM/SIGUSR1: the job scripts requeue on it
+GRACE_SECONDS = 3.0
 
 T = TypeVar("T")
 
@@ -58,9 +62,10 @@ def report(exc: BaseException, prog: str) -> int:
     """Print `exc` the way the policy above says and return the exit code."""
     rank = world_rank()
     if isinstance(exc, UsageError):
-        if rank == 0 or not exc.collective:
-            where = "" if exc.collective else f" (rank {rank} on {socket.gethostname()})"
-            print(f"{prog}: error{where}: {exc}", file=sys.stderr, flush=True)
+        if rank != 0 and exc.collective:
+            time.sleep(GRACE_SECONDS)  # normally the launcher ends us here, after rank 0 reported
+        where = "" if rank == 0 else f" (rank {rank} on {socket.gethostname()})"
+        print(f"{prog}: error{where}: {exc}", file=sys.stderr, flush=True)
         return EXIT_USAGE
     traceback.print_exc()
     print(f"{prog}: rank {rank} on {socket.gethostname()} failed: {type(exc).__name__}: {exc}",

@@ -1,0 +1,131 @@
+"""The main job end to end under real mpirun: outputs, resume, signals, bad configurations."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from hpcbnn.checkpoint import latest_checkpoint, load_checkpoint, model_fingerprint
+from hpcbnn.config import load_config
+from hpcbnn.data import default_dataset, open_dataset
+from hpcbnn.network import build_network
+from tests.mpi import ROOT, mpirun_prefix, run_mpi
+
+TINY = ["--epochs", "2", "--samples", "4", "--batch_size", "32", "--hidden", "[32]"]
+
+
+def train(np: int, run_dir: Path, *args: str, timeout: float = 300):  # type: ignore[no-untyped-def]
+    return run_mpi(np, ["-m", "hpcbnn.train", "--run_dir", str(run_dir), *args], timeout=timeout)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("np", [2, 4])
+def test_default_run_writes_a_complete_run_directory(tmp_path: Path, np: int) -> None:
+    run_dir = tmp_path / "run"
+    result = train(np, run_dir, *TINY)
+    assert result.returncode == 0, result.output
+    assert result.stderr.count("hpcbnn.train: done.") == 1  # rank 0 only
+    assert f"Results in {run_dir}" in result.stderr
+
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["samples"] == 4 and config["mode"] == "sample" and "lr" in config
+    epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in epochs] == [1, 2]
+    for e in epochs:
+        assert {"loss", "nll", "kl", "examples_per_s", "time_compute", "time_comm", "time_data"} <= e.keys()
+        assert e["val"]["count"] == 180  # every validation example once, no fill-up rows
+    assert epochs[1]["nll"] < epochs[0]["nll"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["test"]["count"] == 360
+    assert summary["test"]["accuracy"] > 0.5  # ten classes: chance is 0.1
+    assert 0 <= summary["test"]["ece"] <= 1
+    assert (run_dir / "reliability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list((run_dir / "checkpoints").glob("step-*.pt"))
+
+    again = run_mpi(1, ["-m", "hpcbnn.evaluate", str(run_dir), "--samples", "8"], timeout=120)
+    assert again.returncode == 0, again.output
+    assert json.loads(again.stdout.splitlines()[-1])["count"] == 360
+
+
+def start(np: int, args: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen(mpirun_prefix(np) + [sys.executable, "-m", "hpcbnn.train", *args], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.mpi
+def test_signal_checkpoints_and_resume_equals_uninterrupted(tmp_path: Path) -> None:
+    common = ["--epochs", "3", "--samples", "4", "--batch_size", "32", "--hidden", "[32]", "--log_every", "1"]
+    whole = train(2, tmp_path / "whole", *common)
+    assert whole.returncode == 0, whole.output
+
+    job = start(2, ["--run_dir", str(tmp_path / "cut"), *common])
+    lines = []
+    for line in job.stdout:  # type: ignore[union-attr]
+        lines.append(line)
+        if line.startswith("epoch 1 step 60/"):  # mid-epoch 2: the resume must skip batches
+            job.send_signal(signal.SIGUSR1)  # mpirun forwards it to every rank
+            break
+    rest, _ = job.communicate(timeout=120)
+    output = "".join(lines) + rest
+    assert job.returncode == 75, output
+    assert output.count("stop signal: checkpoint at step") == 1
+    assert not (tmp_path / "cut" / "summary.json").exists()
+
+    resumed = train(2, tmp_path / "cut", *common, "--resume", "true")
+    assert resumed.returncode == 0, resumed.output
+    a, b = (_final_state(tmp_path / name) for name in ("whole", "cut"))
+    assert a["step"] == b["step"] == 3 * (1257 // 32)
+    assert a["model"].keys() == b["model"].keys()
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+
+
+def _final_state(run_dir: Path) -> dict:
+    """The newest checkpoint, loaded the way --resume loads it (checked against the run's model)."""
+    cfg = load_config(run_dir / "config.yaml")
+    model = build_network(cfg, open_dataset(default_dataset(), "train"))
+    return load_checkpoint(latest_checkpoint(run_dir), model_fingerprint(model))
+
+
+@pytest.mark.mpi
+def test_corrupt_checkpoint_is_refused(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    assert train(2, run_dir, *TINY).returncode == 0
+    last = latest_checkpoint(run_dir)
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    result = train(2, run_dir, *TINY, "--epochs", "3", "--resume", "true", timeout=120)
+    assert result.returncode != 0
+    assert result.stderr.count(f"checkpoint {last} is truncated") == 1, result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("args, message", [
+    (["--bogus", "1"], "unrecognized arguments: --bogus 1"),
+    (["--samples", "many"], 'Parser key "samples"'),
+    (["--samples", "3"], "--samples 3 is not divisible by the K=2"),
+    (["--mode", "data", "--batch_size", "33"], "--batch_size 33 is not divisible by the D=2"),
+    (["--mode", "hybrid", "--sample_group", "3"], "2 ranks are not divisible into sample groups of K=3"),
+    (["--data", "/nonexistent/data.h5"], "/nonexistent/data.h5"),
+    (["--config", "CONFIG"], "Option 'bogus' is not accepted"),
+])
+def test_bad_configuration_is_one_line_and_every_rank_exits(tmp_path: Path, args: list[str],
+                                                            message: str) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text("samples: 4\nbogus: 1\n")
+    args = [str(config) if a == "CONFIG" else a for a in args]
+    result = train(2, tmp_path / "run", *args, timeout=120)
+    assert result.returncode != 0
+    assert result.stderr.count(message) == 1, result.output  # one line, from rank 0
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert result.seconds < 60
