@@ -32,7 +32,7 @@ SCHEMA_VERSION = 1
 SPLITS = ("train", "val", "test")
 TASKS = ("classification", "regression")
 Task = Literal["classification", "regression"]
-CHUNK_BYTES = 16 * 1024  # small chunks: batches read scattered rows, and a chunk is decoded whole
+CHUNK_BYTES = 4 * 1024  # small chunks: batches read scattered rows, and a chunk is decoded whole
 SCAN_BYTES = 64 * 1024 * 1024
 
 

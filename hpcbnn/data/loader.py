@@ -76,28 +76,31 @@ class _Rows:
         self.pid = -1
         self.file: h5py.File | None = None
         self.memory: np.ndarray | None = None
-        self.held: np.ndarray | None = None  # sorted global indices of the rows in memory
+        self.held: np.ndarray | None = None  # sorted global indices of the rows in memory; None: all
 
     def dataset(self) -> h5py.Dataset:
         if self.file is None or self.pid != os.getpid():
             self.file, self.pid = open_h5(self.info.path), os.getpid()
         return self.file[self.info.split]["x"]
 
-    def gap(self) -> int:
-        return self.dataset().chunks[0]
+    def preload(self, needed: np.ndarray | None) -> None:
+        """Hold rows `needed` (sorted, unique; None: all) in memory."""
+        self.held = needed
+        self.memory = self._read_file(np.arange(self.info.n) if needed is None else needed)
 
-    def preload(self, index: np.ndarray) -> None:
-        self.held = np.unique(index)
-        self.memory = self._read_file(self.held)
-
-    def read(self, sorted_index: np.ndarray) -> np.ndarray:
-        if self.memory is None:
-            return self._read_file(sorted_index)
-        return self.memory[np.searchsorted(self.held, sorted_index)]
+    def read(self, index: np.ndarray) -> np.ndarray:
+        """Rows `index`, in that order."""
+        if self.memory is not None:
+            return self.memory[index if self.held is None else np.searchsorted(self.held, index)]
+        sort = np.argsort(index, kind="stable")
+        rows = np.empty((len(index),) + self.info.input_shape, self.info.x_dtype)
+        rows[sort] = self._read_file(index[sort])
+        return rows
 
     def _read_file(self, sorted_index: np.ndarray) -> np.ndarray:
         try:
-            return read_rows(self.dataset(), sorted_index, self.gap())
+            x = self.dataset()
+            return read_rows(x, sorted_index, x.chunks[0])
         except OSError as exc:
             raise UsageError(f"{self.info.path}: cannot read /{self.info.split}/x ({exc}); the "
                              f"file is damaged, re-convert or copy it again", collective=False) from None
@@ -154,17 +157,19 @@ class Loader:
             return torch.from_numpy(y.astype(np.int64))
         return torch.from_numpy(((y - self.info.target_mean) / self.info.target_std).astype(np.float32))
 
-    def _needed(self) -> np.ndarray:
-        """Every row this rank can be asked for: its fixed shard without shuffling, else all."""
+    def _needed(self) -> np.ndarray | None:
+        """Every row this rank can be asked for (sorted): its fixed shard without shuffling, else all (None)."""
         if self.shuffle:
-            return np.arange(self.info.n)
-        return epoch_order(self.info.n, self.batch_size, self.seed, 0, False, self.drop_last)[:, self.rows]
+            return None
+        return np.unique(epoch_order(self.info.n, self.batch_size, self.seed, 0, False,
+                                     self.drop_last)[:, self.rows])
 
     def _should_preload(self, preload: bool | None) -> bool:
         if preload is False:
             return False
+        needed = self._needed()
         row = self.info.x_dtype.itemsize * int(np.prod(self.info.input_shape))
-        need = row * len(np.unique(self._needed()))
+        need = row * (self.info.n if needed is None else len(needed))
         share = available_memory() // (4 * getattr(self.grid, "local_size", 1))
         fits = need <= share
         if preload and not fits:
@@ -194,10 +199,7 @@ class Loader:
         return _background(batches, self.prefetch) if self.prefetch > 0 else batches
 
     def _batch(self, step: int, index: np.ndarray, valid: np.ndarray) -> Batch:
-        sort = np.argsort(index, kind="stable")
-        raw = np.empty((len(index),) + self.info.input_shape, self.info.x_dtype)
-        raw[sort] = self.source.read(index[sort])
-        x = torch.from_numpy(raw).float().mul_(self.scale).add_(self.shift)
+        x = torch.from_numpy(self.source.read(index)).float().mul_(self.scale).add_(self.shift)
         index_t = torch.from_numpy(index.astype(np.int64))
         return Batch(x=x, y=self.y[index_t], index=index_t, rows=self.rows,
                      valid=torch.from_numpy(valid), step=step)

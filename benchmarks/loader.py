@@ -1,0 +1,150 @@
+"""Is the data loader ever the bottleneck? Throughput against raw h5py, and the stall of a training loop.
+
+    python -m benchmarks.loader [--file F.h5] [--n 20000] [--batch 128] [--compute_ms 5 20]
+
+On a CIFAR-like file (uint8 [3, 32, 32], written to a temporary directory unless --file
+is given) it reads the batches of one shuffled epoch three ways, in one process:
+
+  raw h5py     `x[sorted batch indices]`, the plain h5py way (no normalisation)
+  stream       Loader without prefetch or preload: grouped reads + unsort + normalise
+  preload      Loader holding the split in memory
+
+and prints examples/s and the ratio to raw h5py. Then it runs a training loop whose
+step is a fixed amount of torch work taking a given time alone (it releases the GIL like
+a real forward/backward) and reports the stall fraction: 1 - (time of the compute alone)
+/ (time of the loop fed by the loader), which counts both waiting for a batch and compute
+slowed down by the loader's background thread; for streaming with prefetch and for
+preload (both 2 batches ahead). Target: stall < 5%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from hpcbnn.data import Loader
+from hpcbnn.data.format import DatasetWriter, open_h5
+from hpcbnn.grid import ProcessGrid
+
+
+def synthetic(path: Path, n: int) -> Path:
+    """n random 3x32x32 uint8 images with 10 classes, through the real writer (chunks, checksums)."""
+    rng = np.random.default_rng(0)
+    counts = {"train": n, "val": 64, "test": 64}
+    with DatasetWriter(path, task="classification", input_shape=(3, 32, 32), num_classes=10,
+                       counts=counts, x_dtype=np.uint8) as w:
+        for split, m in counts.items():
+            for s in range(0, m, 4096):
+                k = min(4096, m - s)
+                w.append(split, rng.integers(0, 256, (k, 3, 32, 32), dtype=np.uint8), rng.integers(0, 10, k))
+    return path
+
+
+def raw_epoch(path: Path, order: np.ndarray) -> float:
+    with open_h5(path) as f:
+        x = f["train/x"]
+        start = time.perf_counter()
+        for batch in order:
+            x[np.sort(batch)]
+        return time.perf_counter() - start
+
+
+def loader_epoch(loader: Loader) -> float:
+    start = time.perf_counter()
+    for _ in loader.epoch(0):
+        pass
+    return time.perf_counter() - start
+
+
+def best(fn, *args, repeats: int = 2) -> float:  # noqa: ANN001
+    return min(fn(*args) for _ in range(repeats))
+
+
+def calibrate(seconds: float) -> int:
+    """Matmuls of 192x192 that take `seconds` on this machine, alone."""
+    a = torch.randn(192, 192)
+    start, n = time.perf_counter(), 0
+    while time.perf_counter() - start < 0.3:
+        a = torch.tanh(a @ a)
+        n += 1
+    return max(1, round(n * seconds / (time.perf_counter() - start)))
+
+
+def compute(work: int) -> None:
+    """A fixed amount of torch work (which releases the GIL, like a training step)."""
+    a = torch.randn(192, 192)
+    for _ in range(work):
+        a = torch.tanh(a @ a)
+
+
+def loop(loader: Loader | None, work: int, steps: int) -> float:
+    """Seconds for `steps` training steps, consuming batches from `loader` (None: compute alone)."""
+    batches = loader.epoch(1) if loader is not None else iter(range(steps))
+    start = time.perf_counter()
+    for _ in range(steps):
+        next(batches)
+        compute(work)
+    seconds = time.perf_counter() - start
+    if loader is not None:
+        batches.close()
+    return seconds
+
+
+def stall(loader: Loader, work: int, steps: int, repeats: int = 3) -> float:
+    """The share of the loop's time that is not computing: waiting for batches, and compute
+    slowed down by the loader's thread (GIL); best of `repeats`, alternating with compute alone."""
+    alone, fed = zip(*[(loop(None, work, steps), loop(loader, work, steps)) for _ in range(repeats)])
+    return max(0.0, 1 - min(alone) / min(fed))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--file", type=Path, help="an hpcbnn HDF5 file (default: a synthetic CIFAR-like one)")
+    p.add_argument("--n", type=int, default=20_000, help="training examples of the synthetic file")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--compute_ms", type=float, nargs="+", default=[5.0, 20.0],
+                   help="simulated compute per step for the stall measurement")
+    p.add_argument("--steps", type=int, default=60, help="steps of each stall loop")
+    args = p.parse_args()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    grid = ProcessGrid(device="cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = args.file or synthetic(Path(tmp) / "bench.h5", args.n)
+        stream = Loader(path, "train", grid, batch_size=args.batch, prefetch=0, preload=False, verify=False)
+        order = stream.order(0)
+        row = stream.info.x_dtype.itemsize * int(np.prod(stream.info.input_shape))
+        with open_h5(path) as f:
+            chunk = f["train/x"].chunks[0]
+        print(f"{path}: {stream.info.n} examples of {list(stream.info.input_shape)} {stream.info.x_dtype} "
+              f"({row} B, {chunk} per chunk), batch {args.batch}, {len(order)} batches per epoch, "
+              f"torch threads {torch.get_num_threads()}")
+        raw = best(raw_epoch, path, order)
+        streamed = best(loader_epoch, stream)
+        preload = Loader(path, "train", grid, batch_size=args.batch, prefetch=0, preload=True, verify=False)
+        preloaded = best(loader_epoch, preload)
+        examples = order.size
+        print(f"{'reader':<12}{'examples/s':>12}{'ms/batch':>10}{'vs raw h5py':>13}")
+        for name, seconds in (("raw h5py", raw), ("stream", streamed), ("preload", preloaded)):
+            print(f"{name:<12}{examples / seconds:>12.0f}{1e3 * seconds / len(order):>10.2f}"
+                  f"{raw / seconds:>12.2f}x")
+        prefetching = Loader(path, "train", grid, batch_size=args.batch, prefetch=2, preload=False, verify=False)
+        steps = min(args.steps, len(order))
+        preload.prefetch = 2
+        for ms in args.compute_ms:
+            work = calibrate(ms / 1e3)
+            s_stream, s_pre = stall(prefetching, work, steps), stall(preload, work, steps)
+            print(f"stall at {ms:g} ms compute per step: stream+prefetch {100 * s_stream:.1f}%, "
+                  f"preload {100 * s_pre:.1f}% (target < 5%)")
+        for loader in (stream, preload, prefetching):
+            loader.close()
+
+
+if __name__ == "__main__":
+    main()
