@@ -1,0 +1,201 @@
+"""The job scripts: shell syntax and directives, then real SLURM jobs on a one-node cluster.
+
+The cluster tests submit jobs/slurm/train.sbatch unchanged through `sbatch`, overriding
+only the resources a 2-core machine has, and check what a user would: the job's final
+state and exit code, the run directory, the CPU binding the launcher reports, and that a
+SIGUSR1 (what `--signal` sends before the time limit) ends in a checkpoint, a requeue and
+a resumed run that finishes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.slurm_cluster import ClusterError, Job, SlurmCluster
+
+ROOT = Path(__file__).resolve().parents[1]
+SBATCH = ROOT / "jobs" / "slurm" / "train.sbatch"
+SCRIPTS = sorted((ROOT / "jobs").glob("slurm/*.sbatch")) + sorted((ROOT / "jobs").glob("pbs/*.pbs"))
+TINY = ["--model", "mlp", "--epochs", "1", "--samples", "2", "--batch_size", "32", "--max_steps", "8"]
+PBS_OPTIONS = set("ACIJMNPSVWXacehjklmopqruvz")
+
+
+def directives(path: Path, prefix: str) -> list[str]:
+    """The directive lines, asserting they form one block right below the #! line: both
+    schedulers stop reading directives at the first other line (PBS even at a comment)."""
+    lines = path.read_text().splitlines()
+    assert lines[0].startswith("#!"), f"{path.name}: no #! line"
+    block = []
+    for line in lines[1:]:
+        if not line.startswith(prefix + " "):
+            break
+        block.append(line[len(prefix) + 1:])
+    later = [line for line in lines[len(block) + 1:] if line.lstrip().startswith(prefix)]
+    assert not later, f"{path.name}: directives after the first other line are ignored: {later}"
+    assert block, f"{path.name}: no {prefix} directives"
+    return block
+
+
+def seconds(hms: str) -> int:
+    h, m, s = (int(x) for x in hms.split(":"))
+    return h * 3600 + m * 60 + s
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_scripts_parse_with_bash(script: Path) -> None:
+    proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("script", sorted((ROOT / "jobs").glob("slurm/*.sbatch")), ids=lambda p: p.name)
+def test_sbatch_directives_are_well_formed(script: Path) -> None:
+    options = {}
+    for text in directives(script, "#SBATCH"):
+        match = re.fullmatch(r"--([a-z][a-z-]*)(?:=(\S+))?", text)
+        assert match, f"{script.name}: '#SBATCH {text}' is not --option or --option=value"
+        options[match[1]] = match[2]
+    assert options["ntasks-per-node"] == options["gpus-per-node"], "one rank per GPU"
+    assert re.fullmatch(r"B:USR1@\d+", options["signal"]), "the warning must reach the batch script"
+    assert int(options["signal"].split("@")[1]) < seconds(options["time"])
+    assert "requeue" in options and "%j" in options["output"]
+
+
+@pytest.mark.parametrize("script", sorted((ROOT / "jobs").glob("pbs/*.pbs")), ids=lambda p: p.name)
+def test_pbs_directives_are_well_formed(script: Path) -> None:
+    resources: dict[str, str] = {}
+    flags: dict[str, str] = {}
+    for text in directives(script, "#PBS"):
+        match = re.fullmatch(r"-([A-Za-z])(?: (\S+))?", text)
+        assert match and match[1] in PBS_OPTIONS, f"{script.name}: '#PBS {text}' is not a qsub option"
+        if match[1] == "l":
+            key, _, value = match[2].partition("=")
+            resources[key] = value
+        else:
+            flags[match[1]] = match[2]
+    assert re.fullmatch(r"[A-Za-z][\w.-]{0,235}", flags["N"])
+    assert flags["j"] == "oe" and flags["r"] == "y"
+    assert re.fullmatch(r"(free|pack|scatter|vscatter)(:(excl|shared|exclhost))?", resources["place"])
+    seconds(resources["walltime"])
+    count, *chunk = resources["select"].split(":")
+    spec = dict(item.split("=") for item in chunk)
+    assert int(count) >= 1 and all(v.isdigit() for v in spec.values()), resources["select"]
+    assert spec["mpiprocs"] == spec["ngpus"], "one rank per GPU"
+    assert int(spec["ncpus"]) == int(spec["mpiprocs"]) * int(spec["ompthreads"])
+
+
+# --- a real SLURM cluster ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory):
+    if os.geteuid() != 0:
+        pytest.skip("the one-node SLURM cluster needs root (slurmd, and apt-get for slurm-wlm and munge)")
+    install = subprocess.run(["bash", str(ROOT / "scripts" / "install-slurm.sh")],
+                             capture_output=True, text=True, timeout=900)
+    if install.returncode:
+        pytest.skip(f"SLURM could not be installed: {install.stderr.strip().splitlines()[-1:]}")
+    with SlurmCluster(tmp_path_factory.mktemp("slurm")) as running:
+        yield running
+
+
+def submit(cluster: SlurmCluster, workdir: Path, ranks: int, args: list[str], **settings: str) -> int:
+    """sbatch the unchanged script with this machine's resources and the given settings."""
+    workdir.mkdir(exist_ok=True)
+    flags = "--allow-run-as-root --oversubscribe" if os.geteuid() == 0 else "--oversubscribe"
+    env = {"PYTHON": sys.executable, "MPIRUN_FLAGS": flags, **settings}
+    options = ["--nodes=1", f"--ntasks-per-node={ranks}", "--cpus-per-task=1", "--time=15"]
+    return cluster.submit(SBATCH, args, options, env=env, cwd=workdir)
+
+
+def log(workdir: Path, job: int) -> str:
+    return (workdir / f"hpcbnn-{job}.out").read_text(errors="replace")
+
+
+def finished(cluster: SlurmCluster, workdir: Path, job_id: int, timeout: float = 180) -> Job:
+    job = cluster.wait(job_id, timeout)
+    print(log(workdir, job_id))
+    return job
+
+
+def bound_cpus(text: str) -> list[str]:
+    """The CPUs each rank was pinned to, from srun --cpu-bind=verbose or mpirun --report-bindings."""
+    return (re.findall(r"cpu-bind=MASK - \S+, task +\d+ +\d+ \[\d+\]: mask (0x[0-9a-f]+) set", text)
+            or re.findall(r"MCW rank \d+ bound to (.*)", text))
+
+
+@pytest.mark.slurm
+def test_sbatch_accepts_the_directives(cluster: SlurmCluster, tmp_path: Path) -> None:
+    """slurmctld validates every directive of the script; only the size is made to fit."""
+    proc = subprocess.run(["sbatch", "--test-only", "--nodes=1", "--cpus-per-task=1", str(SBATCH)],
+                          capture_output=True, text=True, env=cluster.env, cwd=tmp_path, timeout=30)
+    assert proc.returncode == 0 and "to start at" in proc.stderr, proc.stderr
+
+
+MODES = {
+    "sample": dict(ranks=2, settings=dict(MODE="sample", LAUNCHER="srun", BACKEND="horovod")),
+    "data": dict(ranks=2, settings=dict(MODE="data", LAUNCHER="mpirun", BACKEND="torch")),
+    "hybrid": dict(ranks=4, settings=dict(MODE="hybrid", LAUNCHER="srun", BACKEND="horovod",
+                                          SAMPLE_GROUP="2", CPU_BIND="none")),
+}
+
+
+@pytest.mark.slurm
+@pytest.mark.parametrize("mode", MODES)
+def test_train_job_completes(cluster: SlurmCluster, tmp_path: Path, mode: str) -> None:
+    ranks, settings = MODES[mode]["ranks"], MODES[mode]["settings"]
+    job_id = submit(cluster, tmp_path, ranks, TINY, **settings)
+    job = finished(cluster, tmp_path, job_id)
+    assert (job.state, job.exit_code) == ("COMPLETED", 0), log(tmp_path, job_id)
+
+    run = tmp_path / "runs" / f"hpcbnn-{job_id}"
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert (config["mode"], config["backend"]) == (mode, settings["BACKEND"])
+    assert config["sample_group"] == (int(settings["SAMPLE_GROUP"]) if "SAMPLE_GROUP" in settings else None)
+    epochs = [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1]
+    assert 0 <= json.loads((run / "summary.json").read_text())["test"]["accuracy"] <= 1
+    assert list((run / "checkpoints").glob("step-*.pt"))
+    text = log(tmp_path, job_id)
+    assert f"{ranks} ranks" in text and "hpcbnn.train: done" in text
+    if settings.get("CPU_BIND", "core") == "core":
+        cpus = bound_cpus(text)
+        assert len(cpus) == ranks and len(set(cpus)) == ranks, f"ranks not pinned to distinct cores: {cpus}"
+
+
+@pytest.mark.slurm
+def test_time_limit_warning_checkpoints_requeues_and_resumes(cluster: SlurmCluster, tmp_path: Path) -> None:
+    """The SIGUSR1 that `--signal=B:USR1@600` sends, delivered now: exit 75, requeue, resume."""
+    epochs = 8
+    args = ["--model", "mlp", "--epochs", str(epochs), "--samples", "2", "--batch_size", "32"]
+    job_id = submit(cluster, tmp_path, 2, args, MODE="sample", LAUNCHER="srun", BACKEND="torch")
+    metrics = tmp_path / "runs" / f"hpcbnn-{job_id}" / "metrics.jsonl"
+    deadline = time.monotonic() + 180
+    while not (metrics.exists() and metrics.read_text().strip()):
+        if time.monotonic() > deadline or cluster.job(job_id)["JobState"] not in ("PENDING", "RUNNING"):
+            raise ClusterError(f"job {job_id} never finished its first epoch:\n{log(tmp_path, job_id)}")
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", str(job_id)], env=cluster.env, check=True, timeout=30)
+
+    job = finished(cluster, tmp_path, job_id, timeout=240)
+    text = log(tmp_path, job_id)
+    assert (job.state, job.exit_code, job.restarts) == ("COMPLETED", 0, 1), text
+    assert "stop signal: checkpoint" in text and f"requeueing job {job_id}" in text
+    assert "(restart 1)" in text
+    logged = [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()]
+    assert logged == list(range(1, epochs + 1)), f"the requeued run did not resume: epochs {logged}"
+
+
+@pytest.mark.slurm
+def test_a_bad_setting_ends_the_job_with_exit_2(cluster: SlurmCluster, tmp_path: Path) -> None:
+    job_id = submit(cluster, tmp_path, 2, TINY, MODE="bogus")
+    job = finished(cluster, tmp_path, job_id)
+    assert (job.state, job.exit_code) == ("FAILED", 2)
+    assert "MODE=bogus: choose sample, data or hybrid" in log(tmp_path, job_id)
