@@ -199,3 +199,12 @@ def test_a_bad_file_stops_every_rank_with_one_message(tmp_path: Path) -> None:
     assert r.returncode == 2, r.output
     assert r.stderr.count("error:") == 1 and "NaN or inf in the inputs at row 17" in r.stderr
     assert "examples" not in r.stdout
+
+
+@pytest.mark.mpi
+def test_a_file_missing_on_one_rank_stops_all_ranks_without_a_hang(tmp_path: Path) -> None:
+    write(tmp_path / "rank0.h5")
+    r = run_mpi(2, ["tests/programs/data_open.py", str(tmp_path / "rank{rank}.h5"), "val"], timeout=120)
+    assert r.returncode == 2, r.output
+    assert r.stderr.count("error:") == 1
+    assert f"{tmp_path}/rank1.h5: no such file" in r.stderr and "(seen by ranks [1] of 2)" in r.stderr

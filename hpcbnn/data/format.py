@@ -187,10 +187,28 @@ def open_dataset(path: Path | str, split: str = "train", *, verify: bool = True,
     """Validate `split` of `path` and describe it; any problem is one UsageError line.
 
     The structure is checked on every rank (metadata only). With `verify` the values are
-    scanned too (every chunk read once): by rank 0 of `comm` alone when given, which
-    broadcasts its verdict so that all ranks fail together.
+    scanned too (every chunk read once): by rank 0 of `comm` alone when given. With `comm`
+    the ranks then agree on the verdict, so all of them fail together, also when only some
+    see a problem (a file missing on one node's disk).
     """
-    path = Path(path)
+    try:
+        info = _open(Path(path), split, verify and (comm is None or comm.Get_rank() == 0))
+        problem = None
+    except UsageError as exc:
+        info, problem = None, str(exc)
+    if comm is not None:
+        problems = comm.allgather(problem)
+        seen = [r for r, p in enumerate(problems) if p]
+        if seen:
+            problem = problems[seen[0]]
+            if len(seen) < len(problems) and not (verify and seen == [0]):
+                problem += f" (seen by ranks {seen} of {len(problems)})"
+    if problem:
+        raise UsageError(problem)
+    return info  # type: ignore[return-value]
+
+
+def _open(path: Path, split: str, scan_values: bool) -> DatasetInfo:
     if split not in SPLITS:
         raise UsageError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
     if not path.is_file():
@@ -203,11 +221,7 @@ def open_dataset(path: Path | str, split: str = "train", *, verify: bool = True,
     with f:
         head = _header(f, path)
         x, y = _split(f, path, split, head)
-        problem = None
-        if verify and (comm is None or comm.Get_rank() == 0):
-            problem = scan(path, split, x, y, head)
-        if verify and comm is not None:
-            problem = comm.bcast(problem, root=0)
+        problem = scan(path, split, x, y, head) if scan_values else None
         if problem:
             raise UsageError(problem)
         return DatasetInfo(path=path, split=split, n=x.shape[0], x_dtype=x.dtype, **head)

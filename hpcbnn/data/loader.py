@@ -132,7 +132,7 @@ class Loader:
                  seed: int = 0, shuffle: bool = True, drop_last: bool = True, prefetch: int = 2,
                  preload: bool | None = None, verify: bool = True) -> None:
         self.info = open_dataset(path, split, verify=verify, comm=grid.world)
-        grid.check(grid.sample_size, batch_size)
+        grid.check(grid.sample_size, batch_size)  # B must split evenly over the D data groups
         if batch_size < 1 or (drop_last and self.info.n < batch_size):
             raise UsageError(f"{self.info.path}: split {split!r} has {self.info.n} examples, fewer than "
                              f"one global batch of {batch_size}; lower the batch size")
@@ -170,12 +170,12 @@ class Loader:
         needed = self._needed()
         row = self.info.x_dtype.itemsize * int(np.prod(self.info.input_shape))
         need = row * (self.info.n if needed is None else len(needed))
-        share = available_memory() // (4 * getattr(self.grid, "local_size", 1))
+        share = min(self.grid.world.allgather(available_memory() // (4 * self.grid.local_size)))
         fits = need <= share
         if preload and not fits:
             raise UsageError(f"{self.info.path}: preloading split {self.info.split!r} takes "
                              f"{need / 2**30:.2f} GiB per rank, more than the {share / 2**30:.2f} GiB "
-                             f"share of this node's available memory; do not preload")
+                             f"share of the available memory on the fullest node; do not preload")
         return fits and (bool(preload) or need <= AUTO_PRELOAD_BYTES)
 
     @property

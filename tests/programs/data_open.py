@@ -1,4 +1,7 @@
-"""Open a data file on every rank, rank 0 scanning the values: `data_open.py FILE SPLIT`."""
+"""Open a data file on every rank, rank 0 scanning the values: `data_open.py FILE SPLIT`.
+
+`{rank}` in FILE is replaced by the rank, so ranks can be shown different files.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +15,9 @@ from hpcbnn.errors import entry_point
 
 @entry_point("data_open")
 def main() -> None:
-    info = open_dataset(sys.argv[1], sys.argv[2], comm=MPI.COMM_WORLD)
-    print(f"rank {MPI.COMM_WORLD.Get_rank()}: {info.n} examples")
+    rank = MPI.COMM_WORLD.Get_rank()
+    info = open_dataset(sys.argv[1].format(rank=rank), sys.argv[2], comm=MPI.COMM_WORLD)
+    print(f"rank {rank}: {info.n} examples")
 
 
 if __name__ == "__main__":
