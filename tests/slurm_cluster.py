@@ -16,6 +16,7 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import time
 from dataclasses import dataclass
@@ -191,8 +192,10 @@ PartitionName=test Nodes={self.node} Default=YES MaxTime=INFINITE State=UP OverS
 """)
         devices = d / "dev"
         devices.mkdir(exist_ok=True)
-        for i in range(self.gpus):
-            (devices / f"gpu{i}").touch()
+        for i in range(self.gpus):  # character devices like /dev/null: slurmd insists on devices
+            gpu = devices / f"gpu{i}"
+            if not gpu.exists():
+                os.mknod(gpu, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
         files = f"{devices}/gpu[0-{self.gpus - 1}]"
         (d / "gres.conf").write_text(f"NodeName={self.node} Name=gpu File={files}\n")
         (d / "plugstack.conf").write_text("")

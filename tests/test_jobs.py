@@ -24,6 +24,7 @@ from tests.slurm_cluster import ClusterError, Job, SlurmCluster
 
 ROOT = Path(__file__).resolve().parents[1]
 SBATCH = ROOT / "jobs" / "slurm" / "train.sbatch"
+PBS = ROOT / "jobs" / "pbs" / "train.pbs"
 SCRIPTS = sorted((ROOT / "jobs").glob("slurm/*.sbatch")) + sorted((ROOT / "jobs").glob("pbs/*.pbs"))
 TINY = ["--model", "mlp", "--epochs", "1", "--samples", "2", "--batch_size", "32", "--max_steps", "8"]
 PBS_OPTIONS = set("ACIJMNPSVWXacehjklmopqruvz")
@@ -48,6 +49,12 @@ def directives(path: Path, prefix: str) -> list[str]:
 def seconds(hms: str) -> int:
     h, m, s = (int(x) for x in hms.split(":"))
     return h * 3600 + m * 60 + s
+
+
+def bound_cpus(text: str) -> list[str]:
+    """The CPUs each rank was pinned to, from srun --cpu-bind=verbose or mpirun --report-bindings."""
+    return (re.findall(r"cpu-bind=MASK - \S+, task +\d+ +\d+ \[\d+\]: mask (0x[0-9a-f]+) set", text)
+            or re.findall(r"MCW rank \d+ bound to (.*)", text))
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
@@ -92,6 +99,30 @@ def test_pbs_directives_are_well_formed(script: Path) -> None:
     assert int(spec["ncpus"]) == int(spec["mpiprocs"]) * int(spec["ompthreads"])
 
 
+@pytest.mark.mpi
+def test_pbs_script_trains_in_a_pbs_job_environment(tmp_path: Path) -> None:
+    """No PBS server installs here, so the test sets what pbs_mom gives a job (job id,
+    node file with one line per rank, submission directory, ompthreads) and runs the
+    script: the real mpiexec, binding and training. Without qstat there is no walltime
+    timer, and nothing asks for a resubmission."""
+    ranks = 2
+    (tmp_path / "nodefile").write_text("localhost\n" * ranks)
+    env = {**os.environ, "PBS_JOBID": "4242.pbs-server", "PBS_JOBNAME": "hpcbnn",
+           "PBS_O_WORKDIR": str(tmp_path), "PBS_NODEFILE": str(tmp_path / "nodefile"),
+           "OMP_NUM_THREADS": "1", "MODE": "data", "BACKEND": "torch", "PYTHON": sys.executable,
+           "MPIEXEC_FLAGS": "--allow-run-as-root" if os.geteuid() == 0 else "",
+           "TRAIN_ARGS": " ".join(TINY)}
+    proc = subprocess.run(["bash", str(PBS)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0, text
+    run = tmp_path / "runs" / "hpcbnn-4242"
+    assert yaml.safe_load((run / "config.yaml").read_text())["mode"] == "data"
+    assert (run / "summary.json").is_file() and list((run / "checkpoints").glob("step-*.pt"))
+    assert (run / "job.pbs").read_text() == PBS.read_text(), "the copy a resubmission would use"
+    cpus = bound_cpus(text)
+    assert len(cpus) == ranks and len(set(cpus)) == ranks, f"ranks not pinned to distinct cores: {cpus}"
+
+
 # --- a real SLURM cluster ------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -123,12 +154,6 @@ def finished(cluster: SlurmCluster, workdir: Path, job_id: int, timeout: float =
     job = cluster.wait(job_id, timeout)
     print(log(workdir, job_id))
     return job
-
-
-def bound_cpus(text: str) -> list[str]:
-    """The CPUs each rank was pinned to, from srun --cpu-bind=verbose or mpirun --report-bindings."""
-    return (re.findall(r"cpu-bind=MASK - \S+, task +\d+ +\d+ \[\d+\]: mask (0x[0-9a-f]+) set", text)
-            or re.findall(r"MCW rank \d+ bound to (.*)", text))
 
 
 @pytest.mark.slurm
