@@ -76,23 +76,24 @@ def nuts(target: Target, z: Phase, step_size: Tensor, inv_mass: Tensor, max_dept
             if not building.any():
                 break
             new = leapfrog(target, end, eps, inv_mass)
-            delta = energy_error(new, inv_mass, h0)
-            sum_accept += torch.where(building, torch.exp(-delta).clamp(max=1.0), 0.0)
+            p = new.p
+            log_weight = -energy_error(new, inv_mass, h0)
+            sum_accept += log_weight.clamp(max=0.0).exp() * building
             n_leapfrog += building
-            # Progressive uniform sampling of the subtree's proposal.
-            grown = torch.logaddexp(sub_log_w, -delta)
-            take = building & (log_u_leaf[:, n] < -delta - grown)
-            sub_proposal = new.where(take, sub_proposal)
-            sub_log_w = torch.where(building, grown, sub_log_w)
-            sub_rho = torch.where(building.unsqueeze(-1), sub_rho + new.p, sub_rho)
+            # Progressive uniform sampling of the subtree's proposal. A chain that stopped
+            # building never merges this subtree, so its subtree sums need no masking.
+            grown = torch.logaddexp(sub_log_w, log_weight)
+            sub_proposal = new.where(log_u_leaf[:, n] < log_weight - grown, sub_proposal)
+            sub_log_w = grown
+            sub_rho = sub_rho + p
             lo, hi = _checkpoints(n)
             if n % 2 == 0:
-                ckpt_p[hi], ckpt_rho[hi] = new.p, sub_rho
-            stop = delta > MAX_DELTA_ENERGY
+                ckpt_p[hi], ckpt_rho[hi] = p, sub_rho
+            stop = log_weight < -MAX_DELTA_ENERGY
             diverging |= building & stop
             if lo <= hi:
                 p_start, rho_start = ckpt_p[lo:hi + 1], ckpt_rho[lo:hi + 1]
-                stop |= is_turning(p_start, new.p, sub_rho - rho_start + p_start, inv_mass).any(0)
+                stop |= is_turning(p_start, p, sub_rho - rho_start + p_start, inv_mass).any(0)
             building &= ~stop
             end = new.where(building, end)
         # Biased progressive sampling between the old tree and the completed subtree.

@@ -107,12 +107,12 @@ class ModelTarget:
     def log_density(self, theta: Tensor) -> Tensor:
         """log p [chains] at unconstrained theta [chains, dim] (differentiable)."""
         values, log_det = self.layout.constrain(theta)
+        total = log_det if self.prior else torch.zeros_like(log_det)
         with tape() as rvs, _unvalidated():
             condition(self.model, **values, **self.observed)(*self.args)
-        total = log_det if self.prior else torch.zeros_like(log_det)
-        for name, rv in rvs.items():
-            if self.prior or name in self.observed:
-                total = total + rv.distribution.log_prob(rv.value).reshape(theta.shape[0], -1).sum(-1)
+            for name, rv in rvs.items():
+                if self.prior or name in self.observed:
+                    total = total + rv.distribution.log_prob(rv.value).reshape(len(theta), -1).sum(-1)
         return total
 
     def __call__(self, theta: Tensor) -> tuple[Tensor, Tensor]:
