@@ -270,13 +270,13 @@ def convert_imagefolder(directory: Path | str, out: Path | str, *, size: tuple[i
     trees = {s: root / s for s in SPLITS if (root / s).is_dir()} if (root / "train").is_dir() else {"train": root}
     try:
         classes, class_to_idx = find_classes(trees["train"])
+        for d in trees.values():
+            extra = set(find_classes(d)[0]) - set(classes)
+            if extra:
+                raise UsageError(f"{d}: classes {sorted(extra)} do not occur in {trees['train']}")
         samples = {s: make_dataset(d, class_to_idx, IMG_EXTENSIONS) for s, d in trees.items()}
-    except (FileNotFoundError, OSError) as exc:
+    except OSError as exc:
         raise UsageError(f"{root}: not an ImageFolder tree ({exc})") from None
-    for s, d in trees.items():
-        extra = set(find_classes(d)[0]) - set(classes)
-        if extra:
-            raise UsageError(f"{d}: classes {sorted(extra)} do not occur in {trees['train']}")
     n = len(samples["train"])
     carved = split_indices(n, _count(n, val_fraction, "--val_fraction") if "val" not in trees else 0,
                            _count(n, test_fraction, "--test_fraction") if "test" not in trees else 0, seed)

@@ -294,9 +294,12 @@ class DatasetWriter:
         self.x_moments = _Moments(self.input_shape[0])
         self.y_moments = _Moments(self.num_classes) if task == "regression" else None
         self.progress = Progress(f"writing {self.path}", sum(self.counts.values()), progress)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = self.path.with_name(f".{self.path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
-        self.file = open_h5(self.tmp, "w")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = open_h5(self.tmp, "w")
+        except OSError as exc:
+            raise UsageError(f"{self.path}: cannot write here ({exc}); choose another output path") from None
         self._layout(np.dtype(x_dtype), class_names)
 
     def _layout(self, x_dtype: np.dtype, class_names: Sequence[str] | None) -> None:

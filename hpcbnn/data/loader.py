@@ -100,7 +100,7 @@ class _Rows:
     def _read_file(self, sorted_index: np.ndarray) -> np.ndarray:
         try:
             x = self.dataset()
-            return read_rows(x, sorted_index, x.chunks[0])
+            return read_rows(x, sorted_index, x.chunks[0] if x.chunks else 1)
         except OSError as exc:
             raise UsageError(f"{self.info.path}: cannot read /{self.info.split}/x ({exc}); the "
                              f"file is damaged, re-convert or copy it again", collective=False) from None
@@ -123,9 +123,10 @@ def available_memory() -> int:
 class Loader:
     """This rank's batches of one split, read from the file in a background thread.
 
-    `preload`: True holds the rows this rank needs in memory (a UsageError if they do not
-    fit), False streams every batch from the file, None (default) preloads when that takes
-    at most 1 GiB per rank and a quarter of the node's available memory.
+    `preload`: True holds the rows this rank needs in memory, False streams every batch
+    from the file, None (default) preloads when that takes at most 1 GiB per rank. The
+    rows must fit in a quarter of the node's available memory shared by its ranks (a
+    UsageError for True, streaming for None).
     """
 
     def __init__(self, path: Path | str, split: str, grid, batch_size: int, *,  # noqa: ANN001
