@@ -140,22 +140,21 @@ class BayesianModule(nn.Module):
 class _GaussianKL(torch.autograd.Function):
     """KL(N(mu, softplus(rho)^2) || N(0, s^2)) summed, with its analytic gradient:
     dKL/dmu = mu / s^2, dKL/drho = (sigma / s^2 - 1 / sigma) * sigmoid(rho).
-    Reductions are dot products, so no parameter-sized temporary outlives a line."""
+    Sums of squares are dot products: few parameter-sized temporaries, one softplus."""
 
     @staticmethod
     def forward(ctx: Any, mu: Tensor, rho: Tensor, s: float) -> Tensor:
-        sigma = F.softplus(rho).view(-1)
-        m = mu.reshape(-1)
-        quadratic = (torch.dot(sigma, sigma) + torch.dot(m, m)) / (2 * s * s)
-        ctx.save_for_backward(mu, rho)
+        sigma = F.softplus(rho)
+        flat, m = sigma.view(-1), mu.reshape(-1)
+        quadratic = (torch.dot(flat, flat) + torch.dot(m, m)) / (2 * s * s)
+        ctx.save_for_backward(mu, rho, sigma)
         ctx.s = s
-        return mu.numel() * (math.log(s) - 0.5) - sigma.log_().sum() + quadratic
+        return mu.numel() * (math.log(s) - 0.5) - flat.log().sum() + quadratic
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None]:
-        mu, rho = ctx.saved_tensors
+        mu, rho, sigma = ctx.saved_tensors
         s2 = ctx.s * ctx.s
-        sigma = F.softplus(rho)
         dsigma = sigma.reciprocal().neg_().add_(sigma, alpha=1 / s2)
         return mu * (grad / s2), dsigma.mul_(torch.sigmoid(rho)).mul_(grad), None
 
