@@ -201,7 +201,7 @@ class BayesianLinear(BayesianModule):
             eps_w, eps_b = self.noise(reuse=True)
             x3 = x.reshape(k, -1, self.in_features)
             y = _ReparamLinear.apply(x3, self.weight_mu, F.softplus(self.weight_rho), eps_w,
-                                     self.sample_bias(eps_b), self)
+                                     self.sample_bias(eps_b), self if torch.is_grad_enabled() else None)
             return y.reshape(*x.shape[:-1], self.out_features)
         if self.estimator == "local":
             mean = F.linear(x, self.weight_mu, self.bias_mu)
@@ -243,20 +243,20 @@ class _ReparamLinear(torch.autograd.Function):
     Autograd would keep the k weight copies and eps and reduce the broadcast gradient with
     out-of-place products; here only eps is saved, the weights are rebuilt in backward in
     a workspace shared by all layers, and d/dmu, d/dsigma are sums over the k samples of
-    dW_s and dW_s * eps_s, taken as matrix-vector products. While the graph holds eps the
-    layer carries a lease, so its next forward does not refill that buffer.
+    dW_s and dW_s * eps_s, taken as matrix-vector products. While a graph (built with grad
+    enabled) holds eps the layer carries a lease, so its next forward does not refill it.
     """
 
     @staticmethod
     def forward(ctx: Any, x3: Tensor, mu: Tensor, sigma: Tensor, eps: Tensor, bias: Tensor | None,
-                layer: BayesianModule) -> Tensor:
+                layer: BayesianModule | None) -> Tensor:
         w = torch.addcmul(mu, sigma, eps, out=_workspace(eps))
         wt = w.transpose(1, 2)
         y = torch.bmm(x3, wt) if bias is None else torch.baddbmm(bias.unsqueeze(1), x3, wt)
         ctx.save_for_backward(x3, mu, sigma, eps)
         ctx.has_bias = bias is not None
-        if any(ctx.needs_input_grad):
-            ctx.layer, ctx.lease = layer, object()
+        ctx.layer, ctx.lease = layer, object()
+        if layer is not None:
             layer._lease = ctx.lease
         return y
 
@@ -273,7 +273,7 @@ class _ReparamLinear(torch.autograd.Function):
         grad_mu = (ones @ grad_w).view_as(mu)
         grad_sigma = (ones @ grad_w.mul_(eps.reshape(k, -1))).view_as(sigma)
         grad_bias = grad.sum(1) if ctx.has_bias else None
-        if ctx.layer._lease is ctx.lease:
+        if ctx.layer is not None and ctx.layer._lease is ctx.lease:
             ctx.layer._lease = None
         return grad_x, grad_mu, grad_sigma, None, grad_bias, None
 
