@@ -3,8 +3,10 @@
 Starts munged, slurmctld and slurmd from Debian's packages with every file (key, socket,
 state, spool, logs, slurm.conf) under one temporary directory and on free ports, so it
 never touches a system installation. The node advertises more CPUs and GPUs than the
-machine has (`config_overrides`): the scheduler then accepts the job scripts' GPU
-requests unchanged, and the ranks, finding no CUDA device, train on the CPU.
+machine has (`config_overrides`; the GPUs are character devices like /dev/null): the
+scheduler then accepts the job scripts' GPU requests unchanged and sets
+CUDA_VISIBLE_DEVICES as on a GPU node, and the ranks, finding no CUDA device, train on the
+CPU. There is no accounting database: finished jobs are read with `scontrol show job`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 SBIN = ("/usr/sbin", "/sbin")
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
@@ -163,6 +166,7 @@ SlurmctldPort={free_port()}
 SlurmdPort={free_port()}
 AuthType=auth/munge
 CredType=cred/munge
+# cred_expire also delays the restart of a requeued job (default 120 s)
 AuthInfo=socket={self.munge_socket},cred_expire=10
 StateSaveLocation={d / 'state'}
 SlurmdSpoolDir={d / 'spool'}
@@ -182,13 +186,14 @@ SelectTypeParameters=CR_Core
 SlurmdParameters=config_overrides
 GresTypes=gpu
 ReturnToService=2
+# finished jobs stay visible to scontrol for an hour
 MinJobAge=3600
 KillWait=10
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
 NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} Gres=gpu:{self.gpus} RealMemory=4096 State=UNKNOWN
-PartitionName=test Nodes={self.node} Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
+PartitionName=test Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
 """)
         devices = d / "dev"
         devices.mkdir(exist_ok=True)
@@ -221,7 +226,7 @@ PartitionName=test Nodes={self.node} Default=YES MaxTime=INFINITE State=UP OverS
             raise ClusterError(f"{' '.join(cmd)} failed: {proc.stderr.strip()}")
         return proc.stdout
 
-    def _wait(self, ready, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    def _wait(self, ready: Callable[[], bool], timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             dead = [p for p in self.daemons if p.poll() is not None]
