@@ -219,8 +219,13 @@ def test_time_limit_warning_checkpoints_requeues_and_resumes(cluster: SlurmClust
 
 
 @pytest.mark.slurm
-def test_a_bad_setting_ends_the_job_with_exit_2(cluster: SlurmCluster, tmp_path: Path) -> None:
-    job_id = submit(cluster, tmp_path, 2, TINY, MODE="bogus")
+@pytest.mark.parametrize("settings, message", [
+    (dict(MODE="bogus"), "MODE=bogus: choose sample, data or hybrid"),
+    (dict(MODE="data", IMAGE="/nonexistent/hpcbnn-gpu.sif"), "IMAGE=/nonexistent/hpcbnn-gpu.sif does not exist"),
+], ids=["mode", "image"])
+def test_a_bad_setting_ends_the_job_with_exit_2(cluster: SlurmCluster, tmp_path: Path,
+                                               settings: dict[str, str], message: str) -> None:
+    job_id = submit(cluster, tmp_path, 2, TINY, **settings)
     job = finished(cluster, tmp_path, job_id)
     assert (job.state, job.exit_code) == ("FAILED", 2)
-    assert "MODE=bogus: choose sample, data or hybrid" in log(tmp_path, job_id)
+    assert message in log(tmp_path, job_id)
