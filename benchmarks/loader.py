@@ -11,21 +11,21 @@ is given) it reads the batches of one shuffled epoch three ways, in one process:
 
 and prints examples/s and the ratio to raw h5py. Then it runs a training loop whose
 step is a fixed amount of torch work taking a given time alone (it releases the GIL like
-a real forward/backward) and reports the stall fraction: 1 - (time of the compute alone)
-/ (time of the loop fed by the loader), which counts both waiting for a batch and compute
-slowed down by the loader's background thread; for streaming with prefetch and for
-preload (both 2 batches ahead). Target: stall < 5%.
+a real forward/backward) and reports the stall fraction: 1 - (median step computing alone)
+/ (median step fed by the loader), which counts both waiting for a batch and compute
+slowed down by the loader's background thread (h5py holds the GIL while it reads); for
+streaming and preload, each without and with prefetch (2 batches ahead). Target: stall < 5%.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 
@@ -47,24 +47,27 @@ def synthetic(path: Path, n: int) -> Path:
     return path
 
 
-def raw_epoch(path: Path, order: np.ndarray) -> float:
+def raw_epoch(path: Path, order: np.ndarray) -> tuple[float, float]:
+    """Wall and CPU seconds of reading every batch with h5py's fancy indexing."""
     with open_h5(path) as f:
         x = f["train/x"]
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         for batch in order:
             x[np.sort(batch)]
-        return time.perf_counter() - start
+        return time.perf_counter() - start, time.process_time() - cpu
 
 
-def loader_epoch(loader: Loader) -> float:
-    start = time.perf_counter()
+def loader_epoch(loader: Loader) -> tuple[float, float]:
+    """Wall and CPU seconds of one epoch through the loader (without prefetch: one thread)."""
+    start, cpu = time.perf_counter(), time.process_time()
     for _ in loader.epoch(0):
         pass
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
-def best(fn, *args, repeats: int = 2) -> float:  # noqa: ANN001
-    return min(fn(*args) for _ in range(repeats))
+def best(fn, *args, repeats: int = 2) -> tuple[float, float]:  # noqa: ANN001
+    runs = [fn(*args) for _ in range(repeats)]
+    return min(r[0] for r in runs), min(r[1] for r in runs)
 
 
 def calibrate(seconds: float) -> int:
@@ -84,24 +87,30 @@ def compute(work: int) -> None:
         a = torch.tanh(a @ a)
 
 
-def loop(loader: Loader | None, work: int, steps: int) -> float:
-    """Seconds for `steps` training steps, consuming batches from `loader` (None: compute alone)."""
-    batches = loader.epoch(1) if loader is not None else iter(range(steps))
+def timed(fn, *args) -> float:  # noqa: ANN001
     start = time.perf_counter()
-    for _ in range(steps):
-        next(batches)
-        compute(work)
-    seconds = time.perf_counter() - start
-    if loader is not None:
-        batches.close()
-    return seconds
+    fn(*args)
+    return time.perf_counter() - start
 
 
-def stall(loader: Loader, work: int, steps: int, repeats: int = 3) -> float:
-    """The share of the loop's time that is not computing: waiting for batches, and compute
-    slowed down by the loader's thread (GIL); best of `repeats`, alternating with compute alone."""
-    alone, fed = zip(*[(loop(None, work, steps), loop(loader, work, steps)) for _ in range(repeats)])
-    return max(0.0, 1 - min(alone) / min(fed))
+def stall(loader: Loader, work: int, steps: int, block: int = 12) -> float:
+    """The share of a training step that is not computing: 1 - (compute alone) / (step fed by
+    the loader), which counts waiting for the batch and compute slowed by the loader's thread
+    (the GIL). Blocks of steps alone and fed alternate, so that changing load on the machine
+    weighs on both, and medians are compared; the first steps of a fed block are left out,
+    as the loader filled its queue during the block alone."""
+    alone, fed = [], []
+    batches = loader.epoch(1)
+    for _ in range(max(1, steps // block)):
+        alone += [timed(compute, work) for _ in range(block)]
+        for i in range(block):
+            start = time.perf_counter()
+            next(batches)
+            compute(work)
+            if i > loader.prefetch:
+                fed.append(time.perf_counter() - start)
+    batches.close()
+    return max(0.0, 1 - statistics.median(alone) / statistics.median(fed))
 
 
 def main() -> None:
@@ -130,21 +139,21 @@ def main() -> None:
         preload = Loader(path, "train", grid, batch_size=args.batch, prefetch=0, preload=True, verify=False)
         preloaded = best(loader_epoch, preload)
         examples = order.size
-        print(f"{'reader':<12}{'examples/s':>12}{'ms/batch':>10}{'vs raw h5py':>13}")
-        for name, seconds in (("raw h5py", raw), ("stream", streamed), ("preload", preloaded)):
+        print(f"{'reader':<12}{'examples/s':>12}{'ms/batch':>10}{'CPU ms/batch':>14}{'vs raw h5py':>13}")
+        for name, (seconds, cpu) in (("raw h5py", raw), ("stream", streamed), ("preload", preloaded)):
             print(f"{name:<12}{examples / seconds:>12.0f}{1e3 * seconds / len(order):>10.2f}"
-                  f"{raw / seconds:>12.2f}x")
-        prefetching = Loader(path, "train", grid, batch_size=args.batch, prefetch=2, preload=False, verify=False)
-        steps = min(args.steps, len(order))
-        preload.prefetch = 2
+                  f"{1e3 * cpu / len(order):>14.2f}{raw[0] / seconds:>12.2f}x")
+        loaders = {f"{kind}{'+prefetch' if ahead else ''}": Loader(
+            path, "train", grid, batch_size=args.batch, prefetch=ahead, preload=kind == "preload", verify=False)
+            for kind in ("stream", "preload") for ahead in (0, 2)}
+        steps = min(args.steps, len(order))  # one epoch at most
+        print(f"stall (target < 5%){''.join(f'{name:>18}' for name in loaders)}")
         for ms in args.compute_ms:
             work = calibrate(ms / 1e3)
-            s_stream, s_pre = stall(prefetching, work, steps), stall(preload, work, steps)
-            print(f"stall at {ms:g} ms compute per step: stream+prefetch {100 * s_stream:.1f}%, "
-                  f"preload {100 * s_pre:.1f}% (target < 5%)")
-        for loader in (stream, preload, prefetching):
+            print(f"{f'{ms:g} ms compute':<20}" + "".join(
+                f"{100 * stall(loader, work, steps):>17.1f}%" for loader in loaders.values()))
+        for loader in (stream, preload, *loaders.values()):
             loader.close()
-
 
 if __name__ == "__main__":
     main()
