@@ -75,11 +75,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir", type=Path, help="a run directory written by hpcbnn.train")
     parser.add_argument("--samples", type=int, help="predictive samples (default: the run's eval_samples)")
     parser.add_argument("--split", default="test", choices=("train", "val", "test"))
-    parser.add_argument("--mode", choices=MODES, help="grid for evaluation (default: the run's)")
+    parser.add_argument("--mode", choices=MODES, default="sample",
+                        help="grid of this evaluation, independent of the training grid (default: sample)")
+    parser.add_argument("--sample_group", type=int, help="hybrid: K ranks per sample group")
     parser.add_argument("--backend", choices=BACKENDS, help="collectives (default: the run's)")
     args = parser.parse_args(argv)
     cfg = load_config(args.run_dir / "config.yaml")
-    grid = ProcessGrid(args.mode or cfg.mode, cfg.sample_group, device=cfg.device)
+    grid = ProcessGrid(args.mode, args.sample_group, device=cfg.device)
     samples = args.samples or cfg.eval_samples or cfg.samples
     grid.check(samples, cfg.batch_size)
     comm = make_collectives(grid, args.backend or cfg.backend)

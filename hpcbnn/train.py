@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     info = open_dataset(data, "train")
     train = Loader(data, "train", grid, batch_size=cfg.batch_size, seed=cfg.seed)
     val = Loader(data, "val", grid, batch_size=cfg.batch_size, seed=cfg.seed, shuffle=False, drop_last=False)
+    open_dataset(data, "test", comm=grid.world)  # a bad test split fails now, not after the last epoch
     total = min(cfg.max_steps or sys.maxsize, cfg.epochs * len(train))
 
     model = build_network(cfg, info).to(grid.device)
@@ -96,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     progress.message(f"hpcbnn.train: {grid.describe()}, backend {cfg.backend}; S={cfg.samples} "
                      f"({len(engine.local)} per rank), B={cfg.batch_size} ({cfg.batch_size // grid.data_size} "
                      f"per data group); {info.n} training examples from {data}; run directory {run.path}")
+    if state:
+        progress.message(f"hpcbnn.train: resumed from the checkpoint of step {step} (epoch {epoch}, batch {skip})")
     while epoch < cfg.epochs and step < total:
         sums = torch.zeros(6, dtype=torch.float64)  # loss, nll, kl, compute, comm, data seconds
         began, batches, ran = time.perf_counter(), iter(train.epoch(epoch)), 0
@@ -136,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         if epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs or step >= total:
             checkpoint(epoch, 0)
 
-    test = Loader(data, "test", grid, batch_size=cfg.batch_size, seed=cfg.seed, shuffle=False, drop_last=False)
+    test = Loader(data, "test", grid, batch_size=cfg.batch_size, seed=cfg.seed, shuffle=False, drop_last=False,
+                  verify=False)
     summary = plot_and_summarise(run, evaluate(engine, test, eval_samples, info.task, cfg.ece_bins),
                                  info.task, extra={"steps": step, "epochs": epoch})
     progress.message(f"hpcbnn.train: done. Test {summary['headline']}. Results in {run.path} "

@@ -27,16 +27,17 @@ def train(np: int, run_dir: Path, *args: str, timeout: float = 300):  # type: ig
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("np", [2, 4])
-def test_default_run_writes_a_complete_run_directory(tmp_path: Path, np: int) -> None:
+@pytest.mark.parametrize("np, mode", [(2, "sample"), (4, "sample"), (4, "data"), (4, "hybrid")])
+def test_run_learns_and_writes_a_complete_run_directory(tmp_path: Path, np: int, mode: str) -> None:
     run_dir = tmp_path / "run"
-    result = train(np, run_dir, *TINY)
+    extra = ["--sample_group", "2"] if mode == "hybrid" else []
+    result = train(np, run_dir, *TINY, "--mode", mode, *extra)
     assert result.returncode == 0, result.output
     assert result.stderr.count("hpcbnn.train: done.") == 1  # rank 0 only
     assert f"Results in {run_dir}" in result.stderr
 
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    assert config["samples"] == 4 and config["mode"] == "sample" and "lr" in config
+    assert config["samples"] == 4 and config["mode"] == mode and "lr" in config
     epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [e["epoch"] for e in epochs] == [1, 2]
     for e in epochs:
