@@ -22,7 +22,8 @@ from tests.mpi import run_mpi
 PROGRAM = "tests/programs/data_shards.py"
 N_TRAIN, BATCH = 1257, 64
 STEPS, DROPPED = N_TRAIN // BATCH, N_TRAIN % BATCH
-RUNS = {"p1": (1, ["sample"]), "p2": (2, ["sample", "data"]), "p4": (4, ["sample", "data", "hybrid:2"])}
+RUNS = {"p1": (1, ["sample", "data", "hybrid"]), "p2": (2, ["sample", "data", "hybrid:1"]),
+        "p4": (4, ["sample", "data", "hybrid:2"])}
 
 
 @pytest.fixture(scope="module")
