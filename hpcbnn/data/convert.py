@@ -40,12 +40,16 @@ def _count(n: int, fraction: float, option: str) -> int:
 
 
 def as_inputs(x: np.ndarray, channels_last: bool = False) -> np.ndarray:
-    """Inputs as stored: channels first, at least [N, F], uint8 kept, everything else float32."""
+    """A view of the inputs in stored layout: channels first, at least [N, F] (no copy, so
+    memory-mapped sources stay on disk; the writer converts block by block)."""
     if x.ndim == 1:
         x = x[:, None]
-    if channels_last and x.ndim >= 3:
-        x = np.moveaxis(x, -1, 1)
-    return x if x.dtype == np.uint8 else x.astype(np.float32, copy=False)
+    return np.moveaxis(x, -1, 1) if channels_last and x.ndim >= 3 else x
+
+
+def stored_dtype(x: np.ndarray) -> np.dtype:
+    """uint8 inputs (images) stay uint8, everything else becomes float32."""
+    return np.dtype(np.uint8 if x.dtype == np.uint8 else np.float32)
 
 
 def as_targets(ys: Sequence[np.ndarray], task: str, num_classes: int | None,
@@ -78,7 +82,7 @@ def write_arrays(out: Path | str, parts: Mapping[str, tuple[np.ndarray, np.ndarr
     """Write split -> (x, y, rows of x/y that belong to the split) from in-memory or mapped arrays."""
     x0 = parts["train"][0]
     with DatasetWriter(out, task=task, input_shape=x0.shape[1:], num_classes=num_classes,
-                       counts={s: len(parts[s][2]) for s in SPLITS}, x_dtype=x0.dtype,
+                       counts={s: len(parts[s][2]) for s in SPLITS}, x_dtype=stored_dtype(x0),
                        class_names=class_names, source=source, progress=progress) as writer:
         for split in SPLITS:
             x, y, rows = parts[split]

@@ -321,7 +321,7 @@ class DatasetWriter:
     def append(self, split: str, x: np.ndarray, y: np.ndarray) -> None:
         """Write the next rows of `split`; they are validated like an opened file would be."""
         start = self.done[split]
-        x, y = np.asarray(x), np.asarray(y)
+        x, y = np.asarray(x, self.file[split]["x"].dtype), np.asarray(y)
         if x.shape[1:] != self.input_shape or len(y) != len(x):
             raise UsageError(f"{self.source}: {split} inputs of shape {list(x.shape)} with "
                              f"{len(y)} targets do not fit input shape {list(self.input_shape)}")
