@@ -24,6 +24,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from hpcbnn.errors import UsageError
@@ -152,6 +153,7 @@ class _GaussianKL(torch.autograd.Function):
         return mu.numel() * (math.log(s) - 0.5) - flat.log().sum() + quadratic
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None]:
         mu, rho, sigma = ctx.saved_tensors
         s2 = ctx.s * ctx.s
@@ -261,6 +263,7 @@ class _ReparamLinear(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         x3, mu, sigma, eps = ctx.saved_tensors
         k = eps.shape[0]
@@ -309,13 +312,12 @@ class SampledOperand:
     def __torch_function__(cls, func: Callable[..., Any], types: Any, args: tuple = (),
                            kwargs: dict | None = None) -> Any:
         params = [*args, *(kwargs or {}).values()]
-        if func is F.linear and len(params) in (2, 3):
-            x, w, *b = params
-            bias = b[0] if b else None
-            layer = getattr(w, "layer", None)
-            if (isinstance(w, cls) and w.part == "weight"
-                    and (bias.layer if isinstance(bias, cls) else bias) is (None if layer.bias_mu is None else layer)):
-                return layer(x)
+        if func is F.linear and len(params) in (2, 3) and isinstance(params[1], cls):
+            x, w, *rest = params
+            bias = rest[0] if rest else None
+            own_bias = None if w.layer.bias_mu is None else w.layer
+            if w.part == "weight" and (bias.layer if isinstance(bias, cls) else bias) is own_bias:
+                return w.layer(x)
         name = getattr(func, "__name__", str(func))
         raise TypeError(f"{name} on the weights of a Bayesian layer: they are sampled per Monte-Carlo sample "
                         f"and only F.linear(x, layer.weight, layer.bias) can use them")
