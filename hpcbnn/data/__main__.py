@@ -70,7 +70,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("out", type=Path, metavar="OUT.h5")
     _splits(p, test=None)
 
-    p = _command(sub, "imagefolder", convert.convert_imagefolder, "an ImageFolder tree DIR/class/img.png, or DIR/{train,val,test}/class/...")
+    p = _command(sub, "imagefolder", convert.convert_imagefolder,
+                 "an ImageFolder tree DIR/class/img.png, or DIR/{train,val,test}/class/...")
     p.add_argument("directory", type=Path, metavar="DIR")
     p.add_argument("out", type=Path, metavar="OUT.h5")
     p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="resize every image to H x W")
@@ -80,10 +81,12 @@ def parser() -> argparse.ArgumentParser:
     p = _command(sub, "csv", convert.convert_csv, "a CSV time series as sliding windows, split by time")
     p.add_argument("csv_path", type=Path, metavar="IN.csv")
     p.add_argument("out", type=Path, metavar="OUT.h5")
-    p.add_argument(*_flag("input_length"), type=int, required=True, metavar="L", help="time steps per input window")
+    p.add_argument(*_flag("input_length"), type=int, required=True, metavar="L",
+                   help="time steps per input window")
     p.add_argument("--horizon", type=int, default=1, metavar="H", help="future time steps to predict (default 1)")
     p.add_argument("--stride", type=int, default=1, metavar="S", help="time steps between window starts (default 1)")
-    p.add_argument("--columns", "--column", nargs="+", metavar="COLUMN", help="input columns (default: all numeric ones)")
+    p.add_argument("--columns", "--column", nargs="+", metavar="COLUMN",
+                   help="input columns (default: all numeric ones)")
     p.add_argument("--targets", "--target", nargs="+", metavar="COLUMN", help="predicted columns (default: the inputs)")
     p.add_argument(*_flag("val_fraction"), type=float, default=0.1, metavar="F",
                    help="share of time for validation, after the training part (default 0.1)")
