@@ -10,6 +10,7 @@ from typing import Any, Sequence
 
 import torchvision
 from torch import nn
+from torchvision.models.swin_transformer import SwinTransformer
 from torchvision.models.vision_transformer import VisionTransformer
 
 from hpcbnn.errors import UsageError
@@ -45,9 +46,14 @@ def small_vit(num_classes: int, image_size: int = 32, patch_size: int = 4, in_ch
     return model
 
 
-def swin_t(num_classes: int, in_channels: int = 3) -> nn.Module:
-    """torchvision's Swin-T (any input size divisible by 32; smaller inputs pad inside the windows)."""
-    model = torchvision.models.swin_t(weights=None, num_classes=num_classes)
+def swin_t(num_classes: int, in_channels: int = 3, stochastic_depth_prob: float = 0.0) -> nn.Module:
+    """torchvision's Swin-T configuration (inputs of 32x32 and up; windows pad where needed).
+
+    Stochastic depth is off by default: its drop masks come from torch's global RNG, not
+    from the sampling context, so they would differ between partitions of a step.
+    """
+    model = SwinTransformer(patch_size=[4, 4], embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24],
+                            window_size=[7, 7], stochastic_depth_prob=stochastic_depth_prob, num_classes=num_classes)
     if in_channels != 3:
         stem = model.features[0][0]
         model.features[0][0] = nn.Conv2d(in_channels, stem.out_channels, stem.kernel_size, stem.stride)
