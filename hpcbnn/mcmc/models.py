@@ -66,21 +66,22 @@ def logistic_regression(x: Tensor, prior_scale: float = 1.0) -> None:
 class LogisticRegression:
     """The log posterior of `logistic_regression` on one data shard, with an analytic gradient.
 
-    The cost is reading x, so all chains share each read: logits = x @ W with W [d, chains]
-    and the gradient x^T (y - sigmoid(logits)), two matrix products per evaluation whatever
-    the number of chains. y^T x w is precomputed, so the likelihood needs only softplus.
-    Products run in x's dtype (float32 for covertype); sums and results are float64.
+    The cost is reading x, so all chains share each read: logits [chains, n] = W x^T is
+    one matrix product and the gradient (y - sigmoid(logits)) x another, whatever the
+    number of chains; y^T x is precomputed, so the likelihood needs only softplus. Products
+    and sums run in x's dtype: float32 features (covertype) give log densities correct to
+    about 1e-7 relative, as in NumPyro or Edward2; float64 features give exactness.
     """
 
     def __init__(self, x: Tensor, y: Tensor, prior_scale: float = 1.0, prior: bool = True) -> None:
         self.x, self.prior_scale, self.prior = x, prior_scale, prior
-        self.xty = (x.T.to(torch.float64) @ y.to(torch.float64))
+        self.xty = x.T.to(torch.float64) @ y.to(torch.float64)
         self.dim = x.shape[1]
 
     def __call__(self, theta: Tensor) -> tuple[Tensor, Tensor]:
-        logits = self.x @ theta.T.to(self.x.dtype)
-        lp = theta @ self.xty - F.softplus(logits).sum(0, dtype=torch.float64)
-        grad = self.xty - (self.x.T @ torch.sigmoid(logits)).T.to(torch.float64)
+        logits = theta.to(self.x.dtype) @ self.x.T
+        lp = theta @ self.xty - F.softplus(logits).sum(1).to(theta.dtype)
+        grad = self.xty - (logits.sigmoid_() @ self.x).to(theta.dtype)
         if self.prior:
             var = self.prior_scale**2
             lp = lp - 0.5 * (theta * theta).sum(-1) / var - 0.5 * self.dim * math.log(2 * math.pi * var)

@@ -139,7 +139,8 @@ def rank_plot(posterior: Posterior, path: Path, max_params: int = 8, bins: int =
         ranks = stats.rankdata(posterior.draws[:, :, i]).reshape(chains, n)
         edges = np.linspace(0.5, chains * n + 0.5, bins + 1)
         for c in range(chains):
-            axes[i].stairs(np.histogram(ranks[c], bins=edges)[0], edges, color=f"C{c % 10}")
+            axes[i].stairs(np.histogram(ranks[c], bins=edges)[0], edges, baseline=None,
+                           color=f"C{c % 10}")
         axes[i].axhline(n / bins, color="k", ls="--", lw=0.8)
         axes[i].set_title(posterior.names[i], fontsize=9)
         axes[i].set_xlabel("rank")
