@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     open_dataset(data, "test", comm=grid.world)  # a bad test split fails now, not after the last epoch
     total = min(cfg.max_steps or sys.maxsize, cfg.epochs * len(train))
 
+    torch.manual_seed(cfg.seed)  # initial weights (rank 0's, broadcast): torch seeds itself randomly
     model = build_network(cfg, info).to(grid.device)
     optimizer = make_optimizer(cfg, model)
     schedule = make_schedule(cfg, optimizer, total, len(train))
