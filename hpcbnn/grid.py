@@ -11,6 +11,7 @@ lives on one node and its frequent collectives use the fast intra-node links.
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 from typing import Literal
 
@@ -72,7 +73,7 @@ class ProcessGrid:
         self.data_rank, self.sample_rank = divmod(self.rank, k)
         self.sample_comm: MPI.Comm = self.world.Split(color=self.data_rank, key=self.sample_rank)
         self.data_comm: MPI.Comm = self.world.Split(color=self.sample_rank, key=self.data_rank)
-        self.device = torch.device(device) if device else default_device(self.local_rank)
+        self.device = checked_device(device) if device else default_device(self.local_rank)
 
     @property
     def sample_size(self) -> int:
@@ -117,6 +118,23 @@ class ProcessGrid:
     def describe(self) -> str:
         return (f"{self.mode} mode: {self.size} ranks = D {self.data_size} data groups x "
                 f"K {self.sample_size} ranks per sample group, device {self.device}")
+
+
+def checked_device(name: str) -> torch.device:
+    """`--device NAME` if this node has it: a typo or a missing GPU is one line, not a traceback
+    from deep inside the first collective or allocation."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r} is not a device name; use cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return device
+    accelerator = torch.accelerator.current_accelerator(check_available=True)
+    count = torch.accelerator.device_count() if accelerator and accelerator.type == device.type else 0
+    if count <= (device.index or 0):
+        raise UsageError(f"--device {name} does not exist on {socket.gethostname()} (it has {count} "
+                         f"{device.type} devices); choose one of them, cpu, or leave --device unset")
+    return device
 
 
 def default_device(local_rank: int) -> torch.device:
