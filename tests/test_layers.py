@@ -237,3 +237,19 @@ def test_attention_masks_and_weights_follow_nn_multihead_attention():
         assert torch.allclose(got, want, atol=1e-12) and torch.allclose(got_w, want_w, atol=1e-12)
         got_fast, _ = layer(q, kv, kv, need_weights=False, **args)
         assert torch.allclose(got_fast, want, atol=1e-12)
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_every_estimator_has_the_posterior_predictive_moments(estimator):
+    """Over many samples, y = x W^T + b has mean x mu^T + mu_b and variance x^2 sigma^2 + sigma_b^2."""
+    torch.manual_seed(0)
+    layer = BayesianLinear(3, 2, estimator=estimator, init_std=0.5, dtype=D64)
+    x = torch.tensor([[1.0, -2.0, 0.5]], dtype=D64)
+    k = 4000
+    with sampling(0, 0, range(k)), torch.no_grad():
+        y = layer(stack(x, k))
+    sigma_w, sigma_b = F.softplus(layer.weight_rho), F.softplus(layer.bias_rho)
+    mean = F.linear(x, layer.weight_mu, layer.bias_mu)[0]
+    var = (F.linear(x.square(), sigma_w.square()) + sigma_b.square())[0]
+    assert torch.allclose(y.mean(0), mean, atol=4 * (var / k).sqrt().max().item())
+    assert torch.allclose(y.var(0), var, rtol=0.1)
