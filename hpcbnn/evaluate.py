@@ -19,7 +19,7 @@ import torch
 from hpcbnn.checkpoint import latest_checkpoint, load_checkpoint, model_fingerprint
 from hpcbnn.collectives import BACKENDS, make_collectives
 from hpcbnn.config import load_config
-from hpcbnn.data import Loader, default_dataset, open_dataset
+from hpcbnn.data import DatasetInfo, Loader, default_dataset, open_dataset
 from hpcbnn.engine import Engine
 from hpcbnn.errors import UsageError, entry_point
 from hpcbnn.grid import MODES, ProcessGrid
@@ -42,12 +42,21 @@ def evaluate(engine: Engine, loader: Any, samples: int, task: str, bins: int) ->
         if task == "classification":
             sums = classification_sums(out.softmax(-1), y, bins)
         else:
-            sums = regression_sums(*gaussian_params(out), y)
+            sums = regression_sums(*original_units(*gaussian_params(out), y, loader.info))
         totals = sums if totals is None else {k: totals[k] + sums[k] for k in totals}
     engine.model.train()
     assert totals is not None, "a validated split has at least one batch"
     totals = allreduce_sums(totals, engine.grid.data_comm)
     return finalize_classification(totals) if task == "classification" else finalize_regression(totals)
+
+
+def original_units(mean: torch.Tensor, std: torch.Tensor, y: torch.Tensor,
+                   info: DatasetInfo) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Undo the training split's target normalisation, so RMSE and CRPS are in the data's units."""
+    shift, scale = (torch.as_tensor(v, dtype=mean.dtype, device=mean.device)
+                    for v in (info.target_mean, info.target_std))
+    y = y.reshape(mean.shape[1:]).to(mean.dtype)
+    return mean * scale + shift, std * scale, y * scale + shift
 
 
 def plot_and_summarise(run: Any, metrics: dict[str, Any], task: str, extra: dict[str, Any]) -> dict[str, Any]:
