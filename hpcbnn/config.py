@@ -11,7 +11,7 @@ import contextlib
 import io
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Literal, Optional, TypeVar, Union
 
 import yaml
 from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser, set_parsing_settings
@@ -19,6 +19,7 @@ from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser, set_pa
 from hpcbnn.errors import UsageError, world_rank
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
+T = TypeVar("T")
 
 
 @dataclass
@@ -101,25 +102,25 @@ class Config:
     """Steps between progress lines when the output is not a terminal."""
 
 
-def parser() -> ArgumentParser:
-    p = ArgumentParser(prog="python -m hpcbnn.train", description=Config.__doc__,
-                       exit_on_error=False, default_config_files=[])
-    p.add_argument("--config", action=ActionConfigFile, help="A YAML file of options; flags after it override it.")
-    p.add_class_arguments(Config)
-    return p
-
-
-def parse_config(argv: list[str] | None = None) -> Config:
-    """Parse flags (and --config files); a bad option is one UsageError line."""
+def parse_options(cls: type[T], prog: str, argv: list[str] | None = None) -> T:
+    """Parse flags (and --config YAML files) into the dataclass `cls`; a bad option is one
+    UsageError line, and `--help` prints on rank 0 only."""
+    parser = ArgumentParser(prog=prog, description=cls.__doc__, exit_on_error=False, default_config_files=[])
+    parser.add_argument("--config", action=ActionConfigFile, help="A YAML file of options; flags after it override it.")
+    parser.add_class_arguments(cls)
     quiet = contextlib.redirect_stdout(io.StringIO()) if world_rank() else contextlib.nullcontext()
     try:
         with quiet:
-            ns = parser().parse_args(argv)
+            ns = parser.parse_args(argv)
     except ArgumentError as exc:
         raise UsageError(" ".join(str(exc).split()) + " (see --help)") from None
     values = ns.as_dict()
     values.pop("config", None)
-    return Config(**values)
+    return cls(**values)
+
+
+def parse_config(argv: list[str] | None = None) -> Config:
+    return parse_options(Config, "python -m hpcbnn.train", argv)
 
 
 def save_config(cfg: Config, path: Path) -> None:
