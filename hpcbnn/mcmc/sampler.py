@@ -56,13 +56,19 @@ def initial_points(target: Target, seed: int, chains: Tensor, dim: int, radius: 
 def sample(target: Target, dim: int, chains: Tensor, *, seed: int, num_warmup: int,
            num_draws: int, kernel: Kernel = "nuts", max_depth: int = 10, num_steps: int = 16,
            target_accept: float = 0.8, step_size: float | None = None, adapt_mass: bool = True,
-           dtype: torch.dtype = torch.float64, progress: Progress | None = None) -> Draws:
+           init: Tensor | None = None, dtype: torch.dtype = torch.float64,
+           progress: Progress | None = None) -> Draws:
     """Run `len(chains)` chains (global ids `chains`) of `kernel` on `target` in one batch.
 
     A given `step_size` is used as is (no step-size adaptation); otherwise each chain finds
-    its own by dual averaging towards `target_accept` during warm-up.
+    its own by dual averaging towards `target_accept` during warm-up. Chains start at
+    `init` [chains, dim] (unconstrained) when given, else at Stan's random initial points.
     """
-    z = initial_points(target, seed, chains, dim, dtype=dtype)
+    if init is None:
+        z = initial_points(target, seed, chains, dim, dtype=dtype)
+    else:
+        q = init.to(dtype)
+        z = Phase.of(q, torch.zeros_like(q), *target(q))
     num = len(chains)
     inv_mass = torch.ones(num, dim, dtype=dtype, device=chains.device)
     if step_size is None:
