@@ -7,6 +7,11 @@ only some ranks hit it after all (a file missing on one node), a non-root rank p
 after `GRACE_SECONDS` if it is still alive, so the error is never silent. Anything else
 raised on one rank is reported by that rank (with its rank and host) and the whole job is
 aborted through MPI, because its peers may be blocked in a collective that never completes.
+
+In a job of several ranks, that report waits a grace period too (rank 0 one, the others two):
+an exception can be only the echo of another rank's exit (a peer's connection reset while the
+launcher is already ending the job), and such an echo then dies with the job unprinted, so
+the cause stays the one message; a failure that every rank hits is reported by rank 0.
 """
 
 from __future__ import annotations
@@ -47,14 +52,22 @@ def world_rank() -> int:
     return 0
 
 
+def _has_peers() -> bool:
+    """Whether MPI is running with other ranks that our exit concerns."""
+    if "mpi4py.MPI" not in sys.modules:
+        return False
+    from mpi4py import MPI
+
+    return MPI.Is_initialized() and not MPI.Is_finalized() and MPI.COMM_WORLD.Get_size() > 1
+
+
 def _abort(code: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
-    if "mpi4py.MPI" in sys.modules:
+    if _has_peers():
         from mpi4py import MPI
 
-        if MPI.Is_initialized() and not MPI.Is_finalized() and MPI.COMM_WORLD.Get_size() > 1:
-            MPI.COMM_WORLD.Abort(code)
+        MPI.COMM_WORLD.Abort(code)
     os._exit(code)
 
 
@@ -67,6 +80,8 @@ def report(exc: BaseException, prog: str) -> int:
         where = "" if rank == 0 else f" (rank {rank} on {socket.gethostname()})"
         print(f"{prog}: error{where}: {exc}", file=sys.stderr, flush=True)
         return EXIT_USAGE
+    if _has_peers():
+        time.sleep(GRACE_SECONDS if rank == 0 else 2 * GRACE_SECONDS)
     traceback.print_exc()
     print(f"{prog}: rank {rank} on {socket.gethostname()} failed: {type(exc).__name__}: {exc}",
           file=sys.stderr, flush=True)
