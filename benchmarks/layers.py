@@ -122,7 +122,7 @@ def compare(model: str, args: argparse.Namespace) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads (default: all)")
     parser.add_argument("--models", nargs="+", choices=("mlp", "vit"), default=["mlp", "vit"])
     parser.add_argument("--samples", type=int, default=16, help="S, Monte-Carlo samples per step")
     parser.add_argument("--batch", type=int, default=128, help="B, examples per step")
