@@ -12,6 +12,7 @@ TORCHVISION_VERSION=${TORCHVISION_VERSION:-0.29.1}
 HOROVOD_VERSION=${HOROVOD_VERSION:-0.28.1}
 CACHE=${HPCBNN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/hpcbnn}
 CUDA_DIR=${CUDA_HOME:-/usr/local/cuda-13.0}
+EXTRAS=${EXTRAS:-test}
 
 say() { printf '[setup] %s\n' "$*" >&2; }
 die() { printf '[setup] ERROR: %s\n' "$*" >&2; exit 1; }
@@ -36,9 +37,13 @@ make_venv() {
     say "installing torch==$TORCH_VERSION torchvision==$TORCHVISION_VERSION (several GB, once)"
     "$PY" -m pip install -q "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION"
   fi
-  if ! "$PY" -c "import hpcbnn, mpi4py, h5py, sklearn, pytest, yaml, matplotlib" 2>/dev/null; then
-    say "installing hpcbnn and its dependencies (pip install -e .[test])"
-    "$PY" -m pip install -q -e ".[test]"
+  # Reinstall when the declared dependencies change, not only when an import fails.
+  local stamp="$VENV/.hpcbnn-setup.cfg.sha256" want
+  want=$(sha256sum setup.cfg | cut -d' ' -f1)
+  if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    say "installing hpcbnn and its dependencies (pip install -e .[$EXTRAS])"
+    "$PY" -m pip install -q -e ".[$EXTRAS]"
+    echo "$want" >"$stamp"
   fi
 }
 
