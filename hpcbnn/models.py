@@ -1,6 +1,8 @@
 """The networks of the paper's tasks, built deterministic (bayesianize makes them Bayesian).
 
 No builder downloads weights: a pretrained network is loaded by the caller from a file.
+torchvision is imported inside the image builders: it pulls in torch._dynamo, seconds of
+start-up on every rank that an MLP run does not need.
 """
 
 from __future__ import annotations
@@ -8,10 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
-import torchvision
 from torch import nn
-from torchvision.models.swin_transformer import SwinTransformer
-from torchvision.models.vision_transformer import VisionTransformer
 
 from hpcbnn.errors import UsageError
 
@@ -28,6 +27,8 @@ def mlp(in_features: int, hidden: Sequence[int], out_features: int) -> nn.Sequen
 
 def resnet_cifar(num_classes: int, in_channels: int = 3) -> nn.Module:
     """ResNet-18 for 32x32 images: a 3x3 stride-1 stem and no max-pool."""
+    import torchvision
+
     model = torchvision.models.resnet18(weights=None, num_classes=num_classes)
     model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
     model.maxpool = nn.Identity()
@@ -35,8 +36,10 @@ def resnet_cifar(num_classes: int, in_channels: int = 3) -> nn.Module:
 
 
 def small_vit(num_classes: int, image_size: int = 32, patch_size: int = 4, in_channels: int = 3,
-              num_layers: int = 6, num_heads: int = 3, hidden_dim: int = 192, mlp_dim: int = 768) -> VisionTransformer:
+              num_layers: int = 6, num_heads: int = 3, hidden_dim: int = 192, mlp_dim: int = 768) -> nn.Module:
     """The paper's ViT for 32x32 images (patch 4, dim 192, depth 6, 3 heads), torchvision's implementation."""
+    from torchvision.models.vision_transformer import VisionTransformer
+
     if image_size % patch_size:
         raise UsageError(f"image size {image_size} is not divisible by the ViT patch size {patch_size}")
     model = VisionTransformer(image_size=image_size, patch_size=patch_size, num_layers=num_layers,
@@ -52,6 +55,8 @@ def swin_t(num_classes: int, in_channels: int = 3, stochastic_depth_prob: float 
     Stochastic depth is off by default: its drop masks come from torch's global RNG, not
     from the sampling context, so they would differ between partitions of a step.
     """
+    from torchvision.models.swin_transformer import SwinTransformer
+
     model = SwinTransformer(patch_size=[4, 4], embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24],
                             window_size=[7, 7], stochastic_depth_prob=stochastic_depth_prob, num_classes=num_classes)
     if in_channels != 3:
