@@ -25,6 +25,7 @@ import torch
 
 from hpcbnn.data.format import DatasetInfo, open_dataset, open_h5
 from hpcbnn.errors import UsageError
+from hpcbnn.retry import retrying
 
 T = TypeVar("T")
 AUTO_PRELOAD_BYTES = 1 << 30  # above this a rank streams from the file unless preload=True
@@ -98,9 +99,16 @@ class _Rows:
         return rows
 
     def _read_file(self, sorted_index: np.ndarray) -> np.ndarray:
+        def read() -> np.ndarray:
+            try:
+                x = self.dataset()
+                return read_rows(x, sorted_index, x.chunks[0] if x.chunks else 1)
+            except OSError:
+                self.close()  # the next attempt reopens the file: a stale handle (NFS ESTALE) stays stale
+                raise
+
         try:
-            x = self.dataset()
-            return read_rows(x, sorted_index, x.chunks[0] if x.chunks else 1)
+            return retrying(read, f"/{self.info.split}/x of {self.info.path}")
         except OSError as exc:
             raise UsageError(f"{self.info.path}: cannot read /{self.info.split}/x ({exc}); the "
                              f"file is damaged, re-convert or copy it again", collective=False) from None
