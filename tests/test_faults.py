@@ -32,7 +32,8 @@ import torch
 
 from hpcbnn.checkpoint import latest_checkpoint, load_checkpoint, model_fingerprint, save_checkpoint
 from hpcbnn.config import load_config, parse_config, save_config
-from hpcbnn.data import default_dataset, open_dataset
+from hpcbnn.data import Loader, default_dataset, open_dataset
+from hpcbnn.grid import ProcessGrid
 from hpcbnn.network import build_network
 from hpcbnn.retry import retrying
 from tests.mpi import ROOT, mpirun_prefix
@@ -326,6 +327,21 @@ def test_a_briefly_missing_file_is_read_after_announced_retries(tmp_path: Path, 
     announced = capfd.readouterr().err
     assert f"rank 0 on {HOST}: reading {path} failed" in announced
     assert "No such file or directory" in announced and "attempt 1 of 10, retrying in 0.1 s" in announced
+
+
+def test_the_loader_retries_a_batch_read_while_its_file_is_briefly_gone(tmp_path: Path, capfd) -> None:
+    path, away = tmp_path / "data.h5", tmp_path / "elsewhere.h5"
+    shutil.copy(default_dataset(), path)
+    grid = ProcessGrid(device="cpu")
+    loader = Loader(path, "train", grid, batch_size=32, preload=False, prefetch=0)  # opens x at the first read
+    os.replace(path, away)
+    back = threading.Timer(0.3, os.replace, (away, path))
+    back.start()
+    batch = next(loader.epoch(0))
+    back.join()
+    assert f"reading /train/x of {path} failed" in capfd.readouterr().err
+    reference = next(Loader(path, "train", grid, batch_size=32, preload=False, prefetch=0).epoch(0))
+    assert torch.equal(batch.x, reference.x) and torch.equal(batch.y, reference.y)
 
 
 def test_a_read_that_keeps_failing_gives_up_after_the_bound(tmp_path: Path, capfd) -> None:
