@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
                      f"({len(engine.local)} per rank), B={cfg.batch_size} ({cfg.batch_size // grid.data_size} "
                      f"per data group); {info.n} training examples from {data}; run directory {run.path}")
     if state:
-        progress.message(f"hpcbnn.train: resumed from the checkpoint of step {step} (epoch {epoch}, batch {skip})")
+        progress.message(f"hpcbnn.train: resumed from the checkpoint of step {step} (epoch {epoch + 1}, "
+                         f"after {skip} batches)")
     while epoch < cfg.epochs and step < total:
         sums = torch.zeros(6, dtype=torch.float64)  # loss, nll, kl, compute, comm, data seconds
         began, batches, ran = time.perf_counter(), iter(train.epoch(epoch)), 0
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             grid.world.Allreduce(MPI.IN_PLACE, agreed)
             loss, stopping = agreed[0] / grid.size, agreed[1] > 0
             if not math.isfinite(loss):
-                raise UsageError(f"the loss is {loss} at step {step} (epoch {epoch}): lower --lr, set "
+                raise UsageError(f"the loss is {loss} at step {step} (epoch {epoch + 1}): lower --lr, set "
                                  f"--clip_grad, or check the data for extreme values")
             sums += torch.tensor([loss, result.nll, result.kl, result.compute_s, result.comm_s, waited],
                                  dtype=torch.float64)

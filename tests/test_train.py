@@ -118,6 +118,7 @@ def test_corrupt_checkpoint_is_refused(tmp_path: Path) -> None:
     (["--mode", "hybrid", "--sample_group", "3"], "2 ranks are not divisible into sample groups of K=3"),
     (["--data", "/nonexistent/data.h5"], "/nonexistent/data.h5"),
     (["--config", "CONFIG"], "Option 'bogus' is not accepted"),
+    (["--lr", "1e12", "--warmup_epochs", "0"], "at step"),  # "the loss is nan|inf at step N"
 ])
 def test_bad_configuration_is_one_line_and_every_rank_exits(tmp_path: Path, args: list[str],
                                                             message: str) -> None:
