@@ -106,6 +106,10 @@ def check(opts: Options, grid: ProcessGrid) -> None:
         raise UsageError(f"--step_size must be positive, not {opts.step_size}")
     if not 0 < opts.target_accept < 1:
         raise UsageError(f"--target_accept must lie in (0, 1), not {opts.target_accept}")
+    if opts.device != "cpu" and opts.model != "covertype":
+        raise UsageError(f"--device {opts.device} is for --model covertype; the other examples run on cpu")
+    if opts.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {opts.device}: CUDA is not available here; use --device cpu")
     if opts.rows is not None and opts.rows < grid.data_size:
         raise UsageError(f"--rows {opts.rows} is fewer than the D={grid.data_size} data groups")
 
@@ -160,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     built = problem(opts, grid)
     target = ShardedSum(built.local, grid.data_comm)
     mine = grid.local_samples(opts.chains)
-    chains = torch.arange(mine.start, mine.stop)
+    chains = torch.arange(mine.start, mine.stop, device=opts.device)
     if grid.is_root:
         print(f"hpcbnn.mcmc: {opts.model}, {opts.kernel}, {opts.chains} chains, {built.dim} "
               f"parameters; {grid.describe()}", flush=True)

@@ -20,10 +20,10 @@ import h5py
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from scipy import stats
 from torch import Tensor
 
 from hpcbnn.grid import ProcessGrid
+from hpcbnn.mcmc import diagnostics
 from hpcbnn.mcmc.sampler import Draws
 
 
@@ -136,7 +136,7 @@ def rank_plot(posterior: Posterior, path: Path, max_params: int = 8, bins: int =
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     chains, n = posterior.draws.shape[:2]
     for i in range(k):
-        ranks = stats.rankdata(posterior.draws[:, :, i]).reshape(chains, n)
+        ranks = diagnostics.ranks(posterior.draws[:, :, i])
         edges = np.linspace(0.5, chains * n + 0.5, bins + 1)
         for c in range(chains):
             axes[i].stairs(np.histogram(ranks[c], bins=edges)[0], edges, baseline=None,

@@ -39,7 +39,7 @@ def initial_points(target: Target, seed: int, chains: Tensor, dim: int, radius: 
     """Stan's default: uniform in [-radius, radius] per coordinate, redrawn where log p is not finite."""
     q = torch.empty(len(chains), dim, dtype=dtype, device=chains.device)
     bad = torch.ones(len(chains), dtype=torch.bool, device=chains.device)
-    logp, grad = torch.empty(len(chains), dtype=dtype), torch.empty_like(q)
+    logp, grad = torch.empty_like(q[:, 0]), torch.empty_like(q)
     for attempt in range(attempts):
         u = rng.uniform(seed, chains, attempt, rng.Stream.INIT, n=dim, dtype=dtype)
         q = torch.where(bad.unsqueeze(-1), radius * (2 * u - 1), q)
@@ -67,15 +67,15 @@ def sample(target: Target, dim: int, chains: Tensor, *, seed: int, num_warmup: i
     if init is None:
         z = initial_points(target, seed, chains, dim, dtype=dtype)
     else:
-        q = init.to(dtype)
+        q = init.to(dtype=dtype, device=chains.device)
         z = Phase.of(q, torch.zeros_like(q), *target(q))
     num = len(chains)
     inv_mass = torch.ones(num, dim, dtype=dtype, device=chains.device)
     if step_size is None:
-        eps = find_step_size(target, z, torch.ones(num, dtype=dtype), inv_mass, seed, chains, -1)
+        eps = find_step_size(target, z, torch.ones_like(z.logp), inv_mass, seed, chains, -1)
         averaging: DualAveraging | None = DualAveraging(eps, target_accept)
     else:
-        eps, averaging = torch.full((num,), step_size, dtype=dtype), None
+        eps, averaging = torch.full_like(z.logp, step_size), None
     windows = {end - 1: start for start, end in slow_windows(num_warmup)} if adapt_mass else {}
     window_starts = set(windows.values())
     variance: WindowVariance | None = None
@@ -106,7 +106,7 @@ def sample(target: Target, dim: int, chains: Tensor, *, seed: int, num_warmup: i
             theta[:, i] = z.q
             for f in fields(st):
                 value = getattr(st, f.name)
-                stats.setdefault(f.name, torch.empty(num, num_draws, dtype=value.dtype))[:, i] = value
+                stats.setdefault(f.name, value.new_empty(num, num_draws))[:, i] = value
         if progress is not None:
             progress(it, st, eps)
     return Draws(chains, theta, stats, eps, inv_mass)

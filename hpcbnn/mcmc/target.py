@@ -64,11 +64,6 @@ class Layout:
             values[latent.name] = x
         return values, log_det
 
-    def unconstrain(self, values: Mapping[str, Tensor]) -> Tensor:
-        """theta [chains, dim] for constrained `values` [chains, *shape]."""
-        parts = [v.transform.inv(torch.as_tensor(values[v.name])) for v in self.latents]
-        return torch.cat([p.reshape(p.shape[0], -1) for p in parts], dim=-1)
-
     def names(self) -> list[str]:
         """One name per constrained scalar, e.g. `mu`, `theta[3]`, `w[0,1]`."""
         out = []
