@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -134,7 +135,7 @@ def problem(opts: Options, grid: ProcessGrid) -> models.Problem:
 
 
 class Reporter:
-    """Progress lines on rank 0: iteration, step size, acceptance, tree depth, divergences."""
+    """Progress lines of rank 0's chains on stderr: step size, acceptance, tree depth, divergences."""
 
     def __init__(self, opts: Options, enabled: bool) -> None:
         self.opts, self.enabled, self.start = opts, enabled, time.perf_counter()
@@ -153,7 +154,8 @@ class Reporter:
             print(f"{phase} {done}/{total}  step {step_size.mean():.3g}  "
                   f"accept {st.accept_prob.mean():.2f}  depth {st.tree_depth.float().mean():.1f}  "
                   f"divergent {self.divergent}  {elapsed:.1f}s "
-                  f"({1e3 * elapsed / max(self.leapfrogs, 1):.2f} ms/leapfrog)", flush=True)
+                  f"({1e3 * elapsed / max(self.leapfrogs, 1):.2f} ms/leapfrog)", file=sys.stderr,
+                  flush=True)
 
 
 @entry_point("hpcbnn.mcmc")
@@ -161,6 +163,13 @@ def main(argv: list[str] | None = None) -> int:
     opts = parse(argv)
     grid = ProcessGrid(opts.mode, opts.sample_group, device="cpu")
     check(opts, grid)
+    out = Path(opts.out)
+    if grid.is_root:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"--out {out}: cannot create it ({exc.strerror}); choose another "
+                             f"directory", collective=False) from None
     built = problem(opts, grid)
     target = ShardedSum(built.local, grid.data_comm)
     mine = grid.local_samples(opts.chains)
@@ -177,8 +186,6 @@ def main(argv: list[str] | None = None) -> int:
     if posterior is None:
         return 0
     summary = diagnostics.summary(posterior.draws)
-    out = Path(opts.out)
-    out.mkdir(parents=True, exist_ok=True)
     text = results.table(summary, posterior.names)
     divergent = int(posterior.stats["diverging"].sum())
     bfmi = diagnostics.ebfmi(posterior.stats["energy"])
