@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import socket
 import sys
 import time
@@ -27,7 +28,7 @@ from typing import Callable, TypeVar
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
 EXIT_REQUEUE = 75  # checkpoint written on SIGTERM/SIGUSR1: the job scripts requeue on it
-GRACE_SECONDS = 3.0
+GRACE_SECONDS = 5.0
 
 T = TypeVar("T")
 
@@ -99,6 +100,9 @@ def entry_point(prog: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
             except SystemExit:
                 raise
             except BaseException as exc:  # noqa: BLE001 - the policy covers every failure
+                # The launcher ends the job with SIGTERM (SIGKILL only seconds later): a failing
+                # rank must die of it at once, even if the command catches it to checkpoint.
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 code = report(exc, prog)
                 if isinstance(exc, UsageError) and exc.collective:
                     sys.stderr.flush()
