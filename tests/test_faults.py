@@ -163,6 +163,20 @@ def test_a_failure_on_one_rank_ends_peers_blocked_in_a_collective(launch, backen
     assert job.ranks() == {}
 
 
+@pytest.mark.mpi
+def test_a_failing_rank_dies_of_the_launchers_sigterm_during_its_grace(launch) -> None:
+    """The rank would print its failure after the grace; a SIGTERM (what mpirun sends when
+    another rank's exit ends the job) ends it first, although it caught SIGTERM until it failed."""
+    job = launch(2, [PROGRAMS / "fault_collective.py", "torch", "bug"])
+    job.wait_for("rank 1: first allreduce done")
+    time.sleep(2)  # rank 1 has raised and sits in its grace (2 x GRACE_SECONDS)
+    os.kill(job.ranks()[1], signal.SIGTERM)
+    assert job.finish(BOUND) != 0
+    assert "rank 1 with PID" in job.output and "exited on signal 15 (Terminated)" in job.output
+    assert " failed: " not in job.output, job.output
+    assert job.ranks() == {}
+
+
 # 2. SIGKILL of one rank of a training run (the soak test below also resumes after it).
 
 @pytest.mark.mpi

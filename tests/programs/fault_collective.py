@@ -4,6 +4,7 @@ Every rank builds the real grid and collectives and completes one allreduce; the
 (default 1) fails with FAULT while the others enter a second allreduce that can never
 complete. FAULT is `bug` (a RuntimeError), `oom` (a real allocation the CPU allocator
 refuses) or `usage` (a UsageError only that rank detects). The job must end on its own.
+Like training, every rank catches SIGTERM as a request to stop at the next step.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from hpcbnn.collectives import make_collectives
 from hpcbnn.errors import UsageError, entry_point
 from hpcbnn.grid import ProcessGrid
+from hpcbnn.signals import StopRequest
 
 
 def fail(fault: str) -> None:
@@ -32,6 +34,7 @@ def fail(fault: str) -> None:
 def main() -> None:
     backend, fault = sys.argv[1], sys.argv[2]
     victim = int(sys.argv[3]) if len(sys.argv) > 3 else 1
+    StopRequest()
     grid = ProcessGrid("sample")
     comm = make_collectives(grid, backend)
     t = torch.ones(4)
