@@ -35,8 +35,12 @@ class RunDir:
                              f"that run, or choose a new --run_dir")
         if grid.is_root:
             self.path.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.path / "config.yaml")
         grid.world.Barrier()
+
+    def write_config(self) -> None:
+        """Record the resolved configuration; after a resume is validated, so a refused one changes nothing."""
+        if self.grid.is_root:
+            save_config(self.cfg, self.path / "config.yaml")
 
     def log(self, record: dict[str, Any]) -> None:
         if self.grid.is_root:

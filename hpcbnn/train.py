@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         schedule.load_state_dict(state["schedule"])
         set_rng_state(state["rng"])
         step, epoch, skip = state["step"], state["epoch"], state["batch"]
+    run.write_config()
 
     def checkpoint(epoch: int, batch: int) -> None:
         engine.sync_buffers()
