@@ -128,6 +128,7 @@ class TorchCollectives(Collectives):
         self.groups = {"world": dist.group.WORLD,
                        "sample": self._own_group(grid.sample_comm),
                        "data": self._own_group(grid.data_comm)}
+        grid.world.Barrier()  # nobody leaves while a peer still builds its groups through rank 0's store
 
     def _own_group(self, comm: MPI.Comm):  # type: ignore[no-untyped-def]
         """Every rank must create every group, in the same order; keep the one holding us."""

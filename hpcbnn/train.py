@@ -62,8 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     grid.check(eval_samples, cfg.batch_size)
     comm = make_collectives(grid, cfg.backend)
     data = Path(cfg.data) if cfg.data else default_dataset(grid.world)
-    info = open_dataset(data, "train")
     train = Loader(data, "train", grid, batch_size=cfg.batch_size, seed=cfg.seed)
+    info = train.info
     val = Loader(data, "val", grid, batch_size=cfg.batch_size, seed=cfg.seed, shuffle=False, drop_last=False)
     open_dataset(data, "test", comm=grid.world)  # a bad test split fails now, not after the last epoch
     total = min(cfg.max_steps or sys.maxsize, cfg.epochs * len(train))
