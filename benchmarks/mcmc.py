@@ -8,7 +8,7 @@ a shared machine) and the time per effective sample (the smallest bulk ESS of th
 coefficients), against:
   - the memory-bandwidth limit: a leapfrog step must read the features twice (logits, then
     gradient), timed here as twice the best of 20 passes of a sum over the same float32 array;
-  - NumPyro's NUTS on the CPU, when it is installed (`pip install numpyro`): the same model
+  - NumPyro's NUTS on the CPU, when it is installed (`pip install -e .[bench]`): the same model
     and data, the same fixed step size, tree depth and initial point (the posterior mode),
     identity mass matrix, chains vectorised, compile time excluded.
 The step size is a quarter of leapfrog's stability limit 2 / sqrt(largest eigenvalue of the
