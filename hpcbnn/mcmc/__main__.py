@@ -9,8 +9,6 @@ draws.h5, summary.txt, trace.png and rank.png to --out.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -18,16 +16,14 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import torch
-from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser, set_parsing_settings
 
-from hpcbnn.errors import UsageError, entry_point, world_rank
+from hpcbnn.config import parse_options
+from hpcbnn.errors import UsageError, entry_point
 from hpcbnn.grid import ProcessGrid
 from hpcbnn.mcmc import diagnostics, models, results
 from hpcbnn.mcmc.hmc import Stats
 from hpcbnn.mcmc.sampler import sample
 from hpcbnn.mcmc.target import ShardedSum
-
-set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 
 @dataclass
@@ -78,19 +74,7 @@ class Options:
 
 
 def parse(argv: list[str] | None) -> Options:
-    parser = ArgumentParser(prog="python -m hpcbnn.mcmc", description=Options.__doc__,
-                            exit_on_error=False, default_config_files=[])
-    parser.add_argument("--config", action=ActionConfigFile, help="A YAML file of options.")
-    parser.add_class_arguments(Options)
-    quiet = contextlib.redirect_stdout(io.StringIO()) if world_rank() else contextlib.nullcontext()
-    try:
-        with quiet:
-            ns = parser.parse_args(argv)
-    except ArgumentError as exc:
-        raise UsageError(" ".join(str(exc).split()) + " (see --help)") from None
-    values = ns.as_dict()
-    values.pop("config", None)
-    return Options(**values)
+    return parse_options(Options, "python -m hpcbnn.mcmc", argv)
 
 
 def check(opts: Options, grid: ProcessGrid) -> None:
