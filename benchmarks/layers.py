@@ -27,11 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hpcbnn.bayesianize import bayesianize
-from hpcbnn.layers import kl_divergence
-from hpcbnn.models import mlp, small_vit
-from hpcbnn.noise import sampling
-from hpcbnn.objectives import categorical_loglik, elbo_loss
+from hpcbnn.bnn.bayesianize import bayesianize
+from hpcbnn.bnn.layers import kl_divergence
+from hpcbnn.bnn.models import mlp, small_vit
+from hpcbnn.bnn.noise import sampling
+from hpcbnn.bnn.objectives import categorical_loglik, elbo_loss
 
 N_TRAIN = 50_000
 

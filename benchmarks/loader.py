@@ -31,7 +31,7 @@ import torch
 
 from hpcbnn.data import Loader
 from hpcbnn.data.format import DatasetWriter, open_h5
-from hpcbnn.grid import ProcessGrid
+from hpcbnn.parallel.grid import ProcessGrid
 
 
 def synthetic(path: Path, n: int) -> Path:

@@ -31,10 +31,10 @@ def worker(args: argparse.Namespace) -> None:
     import torch
     from torch import nn
 
-    from hpcbnn.bayesianize import bayesianize
-    from hpcbnn.collectives import make_collectives
-    from hpcbnn.engine import Engine
-    from hpcbnn.grid import ProcessGrid
+    from hpcbnn.bnn.bayesianize import bayesianize
+    from hpcbnn.parallel.collectives import make_collectives
+    from hpcbnn.parallel.engine import Engine
+    from hpcbnn.parallel.grid import ProcessGrid
 
     torch.set_num_threads(1)
     grid = ProcessGrid(args.mode, args.sample_group or None)
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    from hpcbnn.plots import scaling_plot
+    from hpcbnn.run.plots import scaling_plot
 
     scaling_plot([{**r, "mode": r["mode"] + ("/hier" if r["reduction"] == "hierarchical" else "")}
                   for r in rows], args.out / "scaling.png")

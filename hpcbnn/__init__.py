@@ -1,3 +1,59 @@
-"""hpcbnn: Bayesian neural networks on supercomputers with sampling parallelism."""
+"""hpcbnn: Bayesian neural networks on supercomputers with sampling parallelism.
+
+    import hpcbnn as hb
+    model = hb.bayesianize(torchvision.models.resnet18(num_classes=10))
+    grid = hb.ProcessGrid("sample")                 # K = P ranks share each batch
+    comm = hb.make_collectives(grid, "horovod")
+    with hb.sampling(seed, step, grid.local_samples(S)):
+        out = model(x.repeat(S // grid.sample_size, 1, 1, 1))
+
+The package folders follow a training step: `data` -> `ppl` (random variables) -> `bnn`
+(Bayesian layers, objectives) -> `parallel` (grid, reduction, engine) -> `optim` -> `run`,
+with `uq` (metrics) and `mcmc` (distributed NUTS) beside them. Names are imported on first
+use, so `import hpcbnn` starts neither MPI nor torchvision.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "bayesianize": "hpcbnn.bnn.bayesianize",
+    "sampling": "hpcbnn.bnn.noise",
+    "kl_divergence": "hpcbnn.bnn.layers",
+    "BayesianModule": "hpcbnn.bnn.layers",
+    "BayesianLinear": "hpcbnn.bnn.layers",
+    "BayesianConv1d": "hpcbnn.bnn.layers",
+    "BayesianConv2d": "hpcbnn.bnn.layers",
+    "BayesianMultiheadAttention": "hpcbnn.bnn.layers",
+    "elbo_loss": "hpcbnn.bnn.objectives",
+    "predictive_loss": "hpcbnn.bnn.objectives",
+    "categorical_loglik": "hpcbnn.bnn.objectives",
+    "gaussian_loglik": "hpcbnn.bnn.objectives",
+    "ProcessGrid": "hpcbnn.parallel.grid",
+    "make_collectives": "hpcbnn.parallel.collectives",
+    "Engine": "hpcbnn.parallel.engine",
+    "evaluate": "hpcbnn.parallel.evaluation",
+    "RandomVariable": "hpcbnn.ppl.random_variable",
+    "tape": "hpcbnn.ppl.tracing",
+    "condition": "hpcbnn.ppl.tracing",
+    "log_joint": "hpcbnn.ppl.tracing",
+    "UsageError": "hpcbnn.errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'hpcbnn' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

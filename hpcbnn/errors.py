@@ -23,7 +23,8 @@ import socket
 import sys
 import time
 import traceback
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -84,8 +85,11 @@ def report(exc: BaseException, prog: str) -> int:
     if _has_peers():
         time.sleep(GRACE_SECONDS if rank == 0 else 2 * GRACE_SECONDS)
     traceback.print_exc()
-    print(f"{prog}: rank {rank} on {socket.gethostname()} failed: {type(exc).__name__}: {exc}",
-          file=sys.stderr, flush=True)
+    print(
+        f"{prog}: rank {rank} on {socket.gethostname()} failed: {type(exc).__name__}: {exc}",
+        file=sys.stderr,
+        flush=True,
+    )
     return EXIT_FAILURE
 
 
@@ -99,7 +103,7 @@ def entry_point(prog: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
                 return main(*args, **kwargs)
             except SystemExit:
                 raise
-            except BaseException as exc:  # noqa: BLE001 - the policy covers every failure
+            except BaseException as exc:
                 # The launcher ends the job with SIGTERM (SIGKILL only seconds later): a failing
                 # rank must die of it at once, even if the command catches it to checkpoint.
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)

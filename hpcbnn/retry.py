@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import socket
 import sys
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
@@ -26,18 +27,24 @@ MAX_PAUSE_S = 8.0
 T = TypeVar("T")
 
 
-def retrying(read: Callable[[], T], what: str, *, attempts: int = ATTEMPTS,
-             pause: float = FIRST_PAUSE_S) -> T:
+def retrying(read: Callable[[], T], what: str, *, attempts: int = ATTEMPTS, pause: float = FIRST_PAUSE_S) -> T:
     """`read()`, tried up to `attempts` times while it raises OSError; `what` names it in messages."""
 
     def announce(state: RetryCallState) -> None:
         error = state.outcome.exception() if state.outcome else None
         wait = state.next_action.sleep if state.next_action else 0.0
-        print(f"hpcbnn: rank {world_rank()} on {socket.gethostname()}: reading {what} failed "
-              f"({error}); attempt {state.attempt_number} of {attempts}, retrying in {wait:g} s",
-              file=sys.stderr, flush=True)
+        print(
+            f"hpcbnn: rank {world_rank()} on {socket.gethostname()}: reading {what} failed "
+            f"({error}); attempt {state.attempt_number} of {attempts}, retrying in {wait:g} s",
+            file=sys.stderr,
+            flush=True,
+        )
 
-    policy = Retrying(stop=stop_after_attempt(attempts), retry=retry_if_exception_type(OSError),
-                      wait=wait_exponential(multiplier=pause, max=MAX_PAUSE_S),
-                      before_sleep=announce, reraise=True)
+    policy = Retrying(
+        stop=stop_after_attempt(attempts),
+        retry=retry_if_exception_type(OSError),
+        wait=wait_exponential(multiplier=pause, max=MAX_PAUSE_S),
+        before_sleep=announce,
+        reraise=True,
+    )
     return policy(read)

@@ -6,12 +6,12 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.vision_transformer import VisionTransformer
 
-from hpcbnn.bayesianize import bayesianize, candidates
+from hpcbnn.bnn.bayesianize import bayesianize, candidates
 from hpcbnn.errors import UsageError
-from hpcbnn.layers import (BayesianConv2d, BayesianLinear, BayesianModule, BayesianMultiheadAttention,
+from hpcbnn.bnn.layers import (BayesianConv2d, BayesianLinear, BayesianModule, BayesianMultiheadAttention,
                            SampleBatchNorm2d, kl_divergence)
-from hpcbnn.models import build_model, mlp, resnet_cifar, small_vit, swin_t
-from hpcbnn.noise import sampling
+from hpcbnn.bnn.models import build_model, mlp, resnet_cifar, small_vit, swin_t
+from hpcbnn.bnn.noise import sampling
 
 
 def stack(x, k):

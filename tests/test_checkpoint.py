@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from hpcbnn.checkpoint import (latest_checkpoint, load_checkpoint, model_fingerprint,
+from hpcbnn.run.checkpoint import (latest_checkpoint, load_checkpoint, model_fingerprint,
                                save_checkpoint, state_fingerprint)
 from hpcbnn.errors import UsageError
 from tests.mpi import ROOT

@@ -16,7 +16,7 @@ from hpcbnn.data import Loader, augmentation, epoch_order
 from hpcbnn.data.augment import crop
 from hpcbnn.data.convert import convert_digits
 from hpcbnn.errors import UsageError
-from hpcbnn.grid import ProcessGrid
+from hpcbnn.parallel.grid import ProcessGrid
 from tests.mpi import run_mpi
 
 PROGRAM = "tests/programs/data_shards.py"

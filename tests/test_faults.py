@@ -30,11 +30,11 @@ import numpy as np
 import pytest
 import torch
 
-from hpcbnn.checkpoint import latest_checkpoint, load_checkpoint, model_fingerprint, save_checkpoint
-from hpcbnn.config import load_config, parse_config, save_config
+from hpcbnn.run.checkpoint import latest_checkpoint, load_checkpoint, model_fingerprint, save_checkpoint
+from hpcbnn.run.config import load_config, parse_config, save_config
 from hpcbnn.data import Loader, default_dataset, open_dataset
-from hpcbnn.grid import ProcessGrid
-from hpcbnn.network import build_network
+from hpcbnn.parallel.grid import ProcessGrid
+from hpcbnn.run.network import build_network
 from hpcbnn.retry import retrying
 from tests.mpi import ROOT, mpirun_prefix
 

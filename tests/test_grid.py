@@ -8,7 +8,7 @@ import json
 import pytest
 
 from hpcbnn.errors import UsageError
-from hpcbnn.grid import GridShape, resolve_shape
+from hpcbnn.parallel.grid import GridShape, resolve_shape
 from tests.mpi import run_mpi
 
 HOROVOD = importlib.util.find_spec("horovod") is not None

@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from hpcbnn.errors import UsageError
-from hpcbnn.layers import (BayesianConv1d, BayesianConv2d, BayesianLinear, BayesianMultiheadAttention,
+from hpcbnn.bnn.layers import (BayesianConv1d, BayesianConv2d, BayesianLinear, BayesianMultiheadAttention,
                            SampleBatchNorm2d, kl_divergence)
-from hpcbnn.noise import sampling
+from hpcbnn.bnn.noise import sampling
 
 ESTIMATORS = ["reparam", "flipout", "local"]
 # attention's projections are Bayesian Linear layers, so one estimator covers it

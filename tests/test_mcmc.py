@@ -19,8 +19,8 @@ from hpcbnn.mcmc.adaptation import DualAveraging, find_step_size, slow_windows
 from hpcbnn.mcmc.hmc import Phase, energy_error, kinetic, leapfrog
 from hpcbnn.mcmc.sampler import initial_points, sample
 from hpcbnn.mcmc.target import ModelTarget
-from hpcbnn.random_variable import HalfNormal, Normal
-from hpcbnn.tracing import log_joint
+from hpcbnn.ppl.random_variable import HalfNormal, Normal
+from hpcbnn.ppl.tracing import log_joint
 
 F64 = torch.float64
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy import integrate, stats
 
-from hpcbnn import metrics
+from hpcbnn.uq import metrics
 from tests.mpi import run_mpi
 
 T = torch.float64

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hpcbnn.objectives import categorical_loglik, elbo_loss, gaussian_loglik, predictive_loss
+from hpcbnn.bnn.objectives import categorical_loglik, elbo_loss, gaussian_loglik, predictive_loss
 
 D64 = torch.float64
 

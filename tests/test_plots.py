@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hpcbnn import metrics, plots
+from hpcbnn.run import plots
+from hpcbnn.uq import metrics
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from hpcbnn.random_variable import Bernoulli, HalfNormal, Normal, RandomVariable, random_variable
-from hpcbnn.tracing import condition, log_joint, tape, trace, traceable
+from hpcbnn.ppl.random_variable import Bernoulli, HalfNormal, Normal, RandomVariable, random_variable
+from hpcbnn.ppl.tracing import condition, log_joint, tape, trace, traceable
 
 
 def regression(x: torch.Tensor) -> RandomVariable:

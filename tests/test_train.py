@@ -13,10 +13,10 @@ import pytest
 import torch
 import yaml
 
-from hpcbnn.checkpoint import latest_checkpoint, load_checkpoint, model_fingerprint
-from hpcbnn.config import load_config
+from hpcbnn.run.checkpoint import latest_checkpoint, load_checkpoint, model_fingerprint
+from hpcbnn.run.config import load_config
 from hpcbnn.data import default_dataset, open_dataset
-from hpcbnn.network import build_network
+from hpcbnn.run.network import build_network
 from tests.mpi import ROOT, mpirun_prefix, run_mpi
 
 TINY = ["--epochs", "2", "--samples", "4", "--batch_size", "32", "--hidden", "[32]"]

@@ -15,7 +15,7 @@ Padding is zero in normalised units, i.e. the channel mean.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -31,8 +31,7 @@ def _draw_flips(generator: torch.Generator, global_batch: int, rows: slice) -> t
 
 
 def _draw_offsets(generator: torch.Generator, global_batch: int, rows: slice, padding: int) -> torch.Tensor:
-    return torch.randint(0, 2 * padding + 1, (global_batch, 2), generator=generator,
-                         device=generator.device)[rows]
+    return torch.randint(0, 2 * padding + 1, (global_batch, 2), generator=generator, device=generator.device)[rows]
 
 
 def flip(x: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
@@ -47,14 +46,20 @@ def crop(x: torch.Tensor, offsets: torch.Tensor, padding: int) -> torch.Tensor:
     offsets = offsets.to(x.device)
     top = (offsets[:, 0, None] + torch.arange(h, device=x.device))[:, None, :, None]
     left = (offsets[:, 1, None] + torch.arange(w, device=x.device))[:, None, None, :]
-    return padded[torch.arange(n, device=x.device)[:, None, None, None],
-                  torch.arange(c, device=x.device)[None, :, None, None], top, left]
+    return padded[
+        torch.arange(n, device=x.device)[:, None, None, None],
+        torch.arange(c, device=x.device)[None, :, None, None],
+        top,
+        left,
+    ]
 
 
 def _check(name: str, x: torch.Tensor, rows: slice, global_batch: int) -> None:
     if x.dim() != 4:
-        raise UsageError(f"augmentation {name!r} needs image inputs [C, H, W]; these inputs have "
-                         f"shape {list(x.shape[1:])}; use --augment none")
+        raise UsageError(
+            f"augmentation {name!r} needs image inputs [C, H, W]; these inputs have "
+            f"shape {list(x.shape[1:])}; use --augment none"
+        )
     if not 0 <= rows.start < rows.stop <= global_batch or rows.stop - rows.start != len(x):
         raise ValueError(f"rows {rows} of a global batch of {global_batch} do not match {len(x)} local rows")
 

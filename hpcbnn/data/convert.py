@@ -13,8 +13,8 @@ import csv
 import gzip
 import os
 import pickle
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -29,8 +29,11 @@ DIGITS_SEED = 0
 def split_indices(n: int, n_val: int, n_test: int, seed: int) -> dict[str, np.ndarray]:
     """A seeded random split of rows 0..n-1; each part sorted so the source is read in order."""
     perm = np.random.default_rng(seed).permutation(n)
-    return {"test": np.sort(perm[:n_test]), "val": np.sort(perm[n_test:n_test + n_val]),
-            "train": np.sort(perm[n_test + n_val:])}
+    return {
+        "test": np.sort(perm[:n_test]),
+        "val": np.sort(perm[n_test : n_test + n_val]),
+        "train": np.sort(perm[n_test + n_val :]),
+    }
 
 
 def _count(n: int, fraction: float, option: str) -> int:
@@ -52,8 +55,9 @@ def stored_dtype(x: np.ndarray) -> np.dtype:
     return np.dtype(np.uint8 if x.dtype == np.uint8 else np.float32)
 
 
-def as_targets(ys: Sequence[np.ndarray], task: str, num_classes: int | None,
-               source: str) -> tuple[str, list[np.ndarray], int]:
+def as_targets(
+    ys: Sequence[np.ndarray], task: str, num_classes: int | None, source: str
+) -> tuple[str, list[np.ndarray], int]:
     """The task (inferred when 'auto'), the targets as stored and the output size."""
     if task == "auto":
         task = "classification" if all(y.ndim == 1 and y.dtype.kind in "iub" for y in ys) else "regression"
@@ -61,11 +65,14 @@ def as_targets(ys: Sequence[np.ndarray], task: str, num_classes: int | None,
         ys = [np.asarray(y, np.float32).reshape(len(y), -1) for y in ys]
         return task, ys, ys[0].shape[1]
     if any(y.ndim != 1 for y in ys):
-        raise UsageError(f"{source}: classification labels must be one number per example, "
-                         f"got shape {list(ys[0].shape)}; use --task regression for vector targets")
+        raise UsageError(
+            f"{source}: classification labels must be one number per example, "
+            f"got shape {list(ys[0].shape)}; use --task regression for vector targets"
+        )
     if any(y.dtype.kind == "f" and not np.array_equal(y, np.round(y)) for y in ys):
-        raise UsageError(f"{source}: classification labels must be whole numbers; "
-                         f"use --task regression for real-valued targets")
+        raise UsageError(
+            f"{source}: classification labels must be whole numbers; use --task regression for real-valued targets"
+        )
     ys = [y.astype(np.int64) for y in ys]
     return task, ys, num_classes or int(max(y.max() for y in ys)) + 1
 
@@ -73,17 +80,32 @@ def as_targets(ys: Sequence[np.ndarray], task: str, num_classes: int | None,
 def _blocks(rows: np.ndarray, row_bytes: int) -> Iterator[np.ndarray]:
     step = max(1, BLOCK_BYTES // max(1, row_bytes))
     for s in range(0, len(rows), step):
-        yield rows[s:s + step]
+        yield rows[s : s + step]
 
 
-def write_arrays(out: Path | str, parts: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray]], *,
-                 task: str, num_classes: int, source: str, class_names: Sequence[str] | None = None,
-                 progress: bool = False) -> Path:
+def write_arrays(
+    out: Path | str,
+    parts: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
+    *,
+    task: str,
+    num_classes: int,
+    source: str,
+    class_names: Sequence[str] | None = None,
+    progress: bool = False,
+) -> Path:
     """Write split -> (x, y, rows of x/y that belong to the split) from in-memory or mapped arrays."""
     x0 = parts["train"][0]
-    with DatasetWriter(out, task=task, input_shape=x0.shape[1:], num_classes=num_classes,
-                       counts={s: len(parts[s][2]) for s in SPLITS}, x_dtype=stored_dtype(x0),
-                       class_names=class_names, source=source, progress=progress) as writer:
+    with DatasetWriter(
+        out,
+        task=task,
+        input_shape=x0.shape[1:],
+        num_classes=num_classes,
+        counts={s: len(parts[s][2]) for s in SPLITS},
+        x_dtype=stored_dtype(x0),
+        class_names=class_names,
+        source=source,
+        progress=progress,
+    ) as writer:
         for split in SPLITS:
             x, y, rows = parts[split]
             for block in _blocks(rows, x[0].nbytes):
@@ -91,11 +113,20 @@ def write_arrays(out: Path | str, parts: Mapping[str, tuple[np.ndarray, np.ndarr
     return Path(out)
 
 
-def convert_arrays(out: Path | str, splits: Mapping[str, tuple[np.ndarray, np.ndarray]], *,
-                   source: str, task: str = "auto", num_classes: int | None = None,
-                   val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0,
-                   channels_last: bool = False, class_names: Sequence[str] | None = None,
-                   progress: bool = False) -> Path:
+def convert_arrays(
+    out: Path | str,
+    splits: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    *,
+    source: str,
+    task: str = "auto",
+    num_classes: int | None = None,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    seed: int = 0,
+    channels_last: bool = False,
+    class_names: Sequence[str] | None = None,
+    progress: bool = False,
+) -> Path:
     """Arrays for "train" and optionally "val"/"test"; missing splits are carved out of train."""
     xs = {s: as_inputs(x, channels_last) for s, (x, _) in splits.items()}
     names = list(splits)
@@ -107,18 +138,23 @@ def convert_arrays(out: Path | str, splits: Mapping[str, tuple[np.ndarray, np.nd
         _check_values(x, y, task, num_classes, f"{source}: {s}")
     x, y, _ = parts["train"]
     n = len(y)
-    carved = split_indices(n, _count(n, val_fraction, "--val_fraction") if "val" not in parts else 0,
-                           _count(n, test_fraction, "--test_fraction") if "test" not in parts else 0, seed)
+    carved = split_indices(
+        n,
+        _count(n, val_fraction, "--val_fraction") if "val" not in parts else 0,
+        _count(n, test_fraction, "--test_fraction") if "test" not in parts else 0,
+        seed,
+    )
     parts = {s: parts[s] if s in parts and s != "train" else (x, y, carved[s]) for s in SPLITS}
-    return write_arrays(out, parts, task=task, num_classes=num_classes, source=source,
-                        class_names=class_names, progress=progress)
+    return write_arrays(
+        out, parts, task=task, num_classes=num_classes, source=source, class_names=class_names, progress=progress
+    )
 
 
 def _check_values(x: np.ndarray, y: np.ndarray, task: str, num_classes: int, where: str) -> None:
     """Reject NaN/inf and bad labels before rows are split, so the message gives the source row."""
     step = max(1, BLOCK_BYTES // max(1, x[0].nbytes))
     for start in range(0, len(x), step):
-        problem = find_bad_values(x[start:start + step], y[start:start + step], task, num_classes, start)
+        problem = find_bad_values(x[start : start + step], y[start : start + step], task, num_classes, start)
         if problem:
             raise UsageError(f"{where}: {problem}")
 
@@ -136,8 +172,10 @@ def convert_npz(path: Path | str, out: Path | str, **options: object) -> Path:
         elif {"x_train", "y_train"} <= keys:
             splits = {s: (data[f"x_{s}"], data[f"y_{s}"]) for s in SPLITS if {f"x_{s}", f"y_{s}"} <= keys}
         else:
-            raise UsageError(f"{path}: holds arrays {sorted(keys)}; expected x and y, or x_train and "
-                             f"y_train (with optional x_val/y_val, x_test/y_test)")
+            raise UsageError(
+                f"{path}: holds arrays {sorted(keys)}; expected x and y, or x_train and "
+                f"y_train (with optional x_val/y_val, x_test/y_test)"
+            )
     return convert_arrays(out, splits, source=str(path), **options)  # type: ignore[arg-type]
 
 
@@ -168,8 +206,15 @@ def _cifar_images(batch: dict, path: Path) -> np.ndarray:
     return data.reshape(-1, 3, 32, 32)
 
 
-def convert_cifar(directory: Path | str, out: Path | str, *, coarse: bool = False,
-                  val_fraction: float = 0.1, seed: int = 0, progress: bool = False) -> Path:
+def convert_cifar(
+    directory: Path | str,
+    out: Path | str,
+    *,
+    coarse: bool = False,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    progress: bool = False,
+) -> Path:
     """CIFAR-10 or CIFAR-100 python batches (as torchvision unpacks them) in `directory`."""
     root = Path(directory)
     candidates = [root, root / "cifar-10-batches-py", root / "cifar-100-python"]
@@ -183,8 +228,10 @@ def convert_cifar(directory: Path | str, out: Path | str, *, coarse: bool = Fals
         key = "coarse_labels" if coarse else "fine_labels"
         names = _unpickle(c100 / "meta")["coarse_label_names" if coarse else "fine_label_names"]
     else:
-        raise UsageError(f"{root}: no CIFAR python batches found (looked for data_batch_1 or "
-                         f"train + meta in {', '.join(map(str, candidates))})")
+        raise UsageError(
+            f"{root}: no CIFAR python batches found (looked for data_batch_1 or "
+            f"train + meta in {', '.join(map(str, candidates))})"
+        )
     splits = {}
     for split, paths in files.items():
         images, labels = [], []
@@ -197,9 +244,17 @@ def convert_cifar(directory: Path | str, out: Path | str, *, coarse: bool = Fals
             images.append(_cifar_images(batch, p))
             labels.append(np.asarray(batch[key], np.int64))
         splits[split] = (np.concatenate(images), np.concatenate(labels))
-    return convert_arrays(out, splits, source=str(root), task="classification",
-                          num_classes=len(names), val_fraction=val_fraction, seed=seed,
-                          class_names=names, progress=progress)
+    return convert_arrays(
+        out,
+        splits,
+        source=str(root),
+        task="classification",
+        num_classes=len(names),
+        val_fraction=val_fraction,
+        seed=seed,
+        class_names=names,
+        progress=progress,
+    )
 
 
 IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -218,8 +273,7 @@ def read_idx(path: Path) -> np.ndarray:
     dtype = np.dtype(IDX_DTYPES[data[2]])
     body = np.frombuffer(data, dtype, offset=4 + 4 * ndim)
     if body.size != int(np.prod(shape)):
-        raise UsageError(f"{path}: header says {list(shape)} but the file holds {body.size} values; "
-                         f"it is truncated")
+        raise UsageError(f"{path}: header says {list(shape)} but the file holds {body.size} values; it is truncated")
     return body.reshape(shape)
 
 
@@ -233,8 +287,9 @@ def _find(directory: Path, name: str) -> Path:
     raise UsageError(f"{directory}: no {name}[.gz] found (looked in {', '.join(map(str, places))})")
 
 
-def convert_mnist(directory: Path | str, out: Path | str, *, val_fraction: float = 0.1,
-                  seed: int = 0, progress: bool = False) -> Path:
+def convert_mnist(
+    directory: Path | str, out: Path | str, *, val_fraction: float = 0.1, seed: int = 0, progress: bool = False
+) -> Path:
     """MNIST or Fashion-MNIST raw IDX files (train-images-idx3-ubyte etc., optionally .gz)."""
     root = Path(directory)
     splits = {}
@@ -242,11 +297,21 @@ def convert_mnist(directory: Path | str, out: Path | str, *, val_fraction: float
         images = read_idx(_find(root, f"{prefix}-images-idx3-ubyte"))
         labels = read_idx(_find(root, f"{prefix}-labels-idx1-ubyte"))
         if images.ndim != 3 or labels.ndim != 1:
-            raise UsageError(f"{root}: {prefix} images must be [N, H, W] and labels [N], got "
-                             f"{list(images.shape)} and {list(labels.shape)}")
+            raise UsageError(
+                f"{root}: {prefix} images must be [N, H, W] and labels [N], got "
+                f"{list(images.shape)} and {list(labels.shape)}"
+            )
         splits[split] = (images[:, None], labels.astype(np.int64))
-    return convert_arrays(out, splits, source=str(root), task="classification", num_classes=10,
-                          val_fraction=val_fraction, seed=seed, progress=progress)
+    return convert_arrays(
+        out,
+        splits,
+        source=str(root),
+        task="classification",
+        num_classes=10,
+        val_fraction=val_fraction,
+        seed=seed,
+        progress=progress,
+    )
 
 
 def _image(path: str, mode: str, size: tuple[int, int] | None) -> np.ndarray:
@@ -263,9 +328,17 @@ def _image(path: str, mode: str, size: tuple[int, int] | None) -> np.ndarray:
     return pixels[None] if pixels.ndim == 2 else np.moveaxis(pixels, -1, 0)
 
 
-def convert_imagefolder(directory: Path | str, out: Path | str, *, size: tuple[int, int] | None = None,
-                        grayscale: bool = False, val_fraction: float = 0.1, test_fraction: float = 0.1,
-                        seed: int = 0, progress: bool = False) -> Path:
+def convert_imagefolder(
+    directory: Path | str,
+    out: Path | str,
+    *,
+    size: tuple[int, int] | None = None,
+    grayscale: bool = False,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    seed: int = 0,
+    progress: bool = False,
+) -> Path:
     """An ImageFolder tree (class/image.png) or train/, val/, test/ trees of them; same-size images
     unless `size` (H, W) resizes them all."""
     from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
@@ -282,32 +355,54 @@ def convert_imagefolder(directory: Path | str, out: Path | str, *, size: tuple[i
     except OSError as exc:
         raise UsageError(f"{root}: not an ImageFolder tree ({exc})") from None
     n = len(samples["train"])
-    carved = split_indices(n, _count(n, val_fraction, "--val_fraction") if "val" not in trees else 0,
-                           _count(n, test_fraction, "--test_fraction") if "test" not in trees else 0, seed)
-    lists = {s: samples[s] if s in trees and s != "train" else [samples["train"][i] for i in carved[s]]
-             for s in SPLITS}
+    carved = split_indices(
+        n,
+        _count(n, val_fraction, "--val_fraction") if "val" not in trees else 0,
+        _count(n, test_fraction, "--test_fraction") if "test" not in trees else 0,
+        seed,
+    )
+    lists = {s: samples[s] if s in trees and s != "train" else [samples["train"][i] for i in carved[s]] for s in SPLITS}
     mode = "L" if grayscale else "RGB"
     first_path = lists["train"][0][0]
     first = _image(first_path, mode, size)
-    with DatasetWriter(out, task="classification", input_shape=first.shape, num_classes=len(classes),
-                       counts={s: len(v) for s, v in lists.items()}, x_dtype=np.uint8,
-                       class_names=classes, source=str(root), progress=progress) as writer:
+    with DatasetWriter(
+        out,
+        task="classification",
+        input_shape=first.shape,
+        num_classes=len(classes),
+        counts={s: len(v) for s, v in lists.items()},
+        x_dtype=np.uint8,
+        class_names=classes,
+        source=str(root),
+        progress=progress,
+    ) as writer:
         for split, items in lists.items():
             for s in range(0, len(items), 256):
-                chunk = items[s:s + 256]
+                chunk = items[s : s + 256]
                 images = [_image(p, mode, size) for p, _ in chunk]
                 for (p, _), img in zip(chunk, images):
                     if img.shape != first.shape:
-                        raise UsageError(f"{p}: {img.shape[1]}x{img.shape[2]} pixels, but {first_path} has "
-                                         f"{first.shape[1]}x{first.shape[2]}; pass --size H W to resize all")
+                        raise UsageError(
+                            f"{p}: {img.shape[1]}x{img.shape[2]} pixels, but {first_path} has "
+                            f"{first.shape[1]}x{first.shape[2]}; pass --size H W to resize all"
+                        )
                 writer.append(split, np.stack(images), np.array([c for _, c in chunk], np.int64))
     return Path(out)
 
 
-def convert_csv(path: Path | str, out: Path | str, *, input_length: int, horizon: int = 1,
-                stride: int = 1, columns: Sequence[str] | None = None,
-                targets: Sequence[str] | None = None, val_fraction: float = 0.1,
-                test_fraction: float = 0.2, progress: bool = False) -> Path:
+def convert_csv(
+    path: Path | str,
+    out: Path | str,
+    *,
+    input_length: int,
+    horizon: int = 1,
+    stride: int = 1,
+    columns: Sequence[str] | None = None,
+    targets: Sequence[str] | None = None,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+    progress: bool = False,
+) -> Path:
     """A CSV time series (one row per time step, a header line) as sliding windows.
 
     The rows are split by time: the first part trains, the next validates, the last tests;
@@ -333,8 +428,7 @@ def convert_csv(path: Path | str, out: Path | str, *, input_length: int, horizon
         raise UsageError(f"{path}: no column(s) {unknown or 'with numbers'}; the header has {header}")
     used = list(dict.fromkeys([*columns, *targets]))
     try:
-        series = np.loadtxt(path, delimiter=",", skiprows=1, ndmin=2,
-                            usecols=[header.index(c) for c in used])
+        series = np.loadtxt(path, delimiter=",", skiprows=1, ndmin=2, usecols=[header.index(c) for c in used])
     except ValueError as exc:
         raise UsageError(f"{path}: {_bad_cell(path, used, header) or exc}") from None
     bad = ~np.isfinite(series)
@@ -349,14 +443,17 @@ def convert_csv(path: Path | str, out: Path | str, *, input_length: int, horizon
     parts = {}
     for split, (a, b) in bounds.items():
         if b - a < window:
-            raise UsageError(f"{path}: the {split} part has {b - a} time steps, fewer than input length "
-                             f"+ horizon = {window}; use a longer series, other fractions or a shorter window")
+            raise UsageError(
+                f"{path}: the {split} part has {b - a} time steps, fewer than input length "
+                f"+ horizon = {window}; use a longer series, other fractions or a shorter window"
+            )
         w = np.lib.stride_tricks.sliding_window_view(series[a:b], window, axis=0)[::stride]
         x = np.ascontiguousarray(w[:, xi, :input_length], np.float32)
         y = np.ascontiguousarray(np.swapaxes(w[:, yi, input_length:], 1, 2), np.float32).reshape(len(w), -1)
         parts[split] = (x, y, np.arange(len(w)))
-    return write_arrays(out, parts, task="regression", num_classes=horizon * len(targets),
-                        source=str(path), progress=progress)
+    return write_arrays(
+        out, parts, task="regression", num_classes=horizon * len(targets), source=str(path), progress=progress
+    )
 
 
 def _bad_cell(path: Path, used: list[str], header: list[str]) -> str | None:
@@ -390,9 +487,15 @@ def convert_digits(out: Path | str, progress: bool = False) -> Path:
     x = digits.data.astype(np.float32).reshape(-1, 1, 8, 8)
     y = digits.target.astype(np.int64)
     parts = split_indices(len(y), DIGITS_COUNTS["val"], DIGITS_COUNTS["test"], DIGITS_SEED)
-    return write_arrays(out, {s: (x, y, rows) for s, rows in parts.items()}, task="classification",
-                        num_classes=10, source="sklearn.datasets.load_digits",
-                        class_names=[str(c) for c in digits.target_names], progress=progress)
+    return write_arrays(
+        out,
+        {s: (x, y, rows) for s, rows in parts.items()},
+        task="classification",
+        num_classes=10,
+        source="sklearn.datasets.load_digits",
+        class_names=[str(c) for c in digits.target_names],
+        progress=progress,
+    )
 
 
 def cache_dir() -> Path:
@@ -409,7 +512,7 @@ def _is_current(path: Path) -> bool:
         return False
 
 
-def default_dataset(comm=None) -> Path:  # noqa: ANN001 - mpi4py communicator
+def default_dataset(comm=None) -> Path:
     """The built-in digits file, converted on first use into the cache directory.
 
     With `comm`, one rank per node writes it (the cache may be node-local; on a shared file
@@ -428,8 +531,9 @@ def default_dataset(comm=None) -> Path:  # noqa: ANN001 - mpi4py communicator
             if not _is_current(path):
                 convert_digits(path)
         except (UsageError, OSError) as exc:
-            error = f"cannot create the default data set in {path.parent} ({exc}); set HPCBNN_CACHE " \
-                    f"to a writable directory"
+            error = (
+                f"cannot create the default data set in {path.parent} ({exc}); set HPCBNN_CACHE to a writable directory"
+            )
     if comm is not None:
         node.Free()
         error = next((e for e in comm.allgather(error) if e), None)

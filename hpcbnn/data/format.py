@@ -19,9 +19,10 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Mapping, Sequence
+from typing import Literal
 
 import h5py
 import numpy as np
@@ -72,8 +73,7 @@ class DatasetInfo:
         return () if self.task == "classification" else (self.num_classes,)
 
 
-def find_bad_values(x: np.ndarray, y: np.ndarray, task: str, num_classes: int,
-                    first_row: int = 0) -> str | None:
+def find_bad_values(x: np.ndarray, y: np.ndarray, task: str, num_classes: int, first_row: int = 0) -> str | None:
     """The first NaN/inf input or out-of-range target in a block of rows, in words."""
     if x.dtype.kind == "f":
         bad = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1)
@@ -93,8 +93,9 @@ def find_bad_values(x: np.ndarray, y: np.ndarray, task: str, num_classes: int,
 
 def _attr(f: h5py.File, name: str, path: Path) -> np.ndarray:
     if name not in f.attrs:
-        raise UsageError(f"{path}: attribute {name!r} missing from the file root; "
-                         f"re-convert it with python -m hpcbnn.data")
+        raise UsageError(
+            f"{path}: attribute {name!r} missing from the file root; re-convert it with python -m hpcbnn.data"
+        )
     return f.attrs[name]
 
 
@@ -102,11 +103,15 @@ def _header(f: h5py.File, path: Path) -> dict:
     """Root attributes, checked for presence, types and consistency."""
     version = f.attrs.get("schema_version")
     if version is None:
-        raise UsageError(f"{path}: no schema_version attribute, so not an hpcbnn data file; "
-                         f"convert your data with python -m hpcbnn.data")
+        raise UsageError(
+            f"{path}: no schema_version attribute, so not an hpcbnn data file; "
+            f"convert your data with python -m hpcbnn.data"
+        )
     if int(version) != SCHEMA_VERSION:
-        raise UsageError(f"{path}: schema version {int(version)}, but this hpcbnn reads version "
-                         f"{SCHEMA_VERSION}; re-convert it with python -m hpcbnn.data")
+        raise UsageError(
+            f"{path}: schema version {int(version)}, but this hpcbnn reads version "
+            f"{SCHEMA_VERSION}; re-convert it with python -m hpcbnn.data"
+        )
     task = str(_attr(f, "task", path))
     if task not in TASKS:
         raise UsageError(f"{path}: task {task!r} is neither classification nor regression")
@@ -116,9 +121,12 @@ def _header(f: h5py.File, path: Path) -> dict:
     input_shape = tuple(int(s) for s in np.atleast_1d(_attr(f, "input_shape", path)))
     if not input_shape or min(input_shape) < 1:
         raise UsageError(f"{path}: input_shape {list(input_shape)} is not a valid shape")
-    head = dict(task=task, num_classes=num_classes, input_shape=input_shape,
-                class_names=tuple(str(c) for c in f.attrs["class_names"])
-                if "class_names" in f.attrs else None)
+    head = dict(
+        task=task,
+        num_classes=num_classes,
+        input_shape=input_shape,
+        class_names=tuple(str(c) for c in f.attrs["class_names"]) if "class_names" in f.attrs else None,
+    )
     pairs = [("mean", "std", input_shape[0])]
     if task == "regression":
         pairs.append(("target_mean", "target_std", num_classes))
@@ -128,8 +136,7 @@ def _header(f: h5py.File, path: Path) -> dict:
         mean = np.asarray(_attr(f, m, path), np.float64).reshape(-1)
         std = np.asarray(_attr(f, s, path), np.float64).reshape(-1)
         if mean.shape != (size,) or std.shape != (size,):
-            raise UsageError(f"{path}: {m}/{s} have {mean.size}/{std.size} entries, expected "
-                             f"{size} (one per channel)")
+            raise UsageError(f"{path}: {m}/{s} have {mean.size}/{std.size} entries, expected {size} (one per channel)")
         if not (np.isfinite(mean).all() and np.isfinite(std).all() and (std > 0).all()):
             raise UsageError(f"{path}: {m}/{s} must be finite with {s} > 0")
         head[m], head[s] = mean, std
@@ -141,27 +148,31 @@ def _split(f: h5py.File, path: Path, split: str, head: dict) -> tuple[h5py.Datas
     for name in ("x", "y"):
         if f"{split}/{name}" not in f:
             have = ", ".join(k for k in f.keys()) or "none"
-            raise UsageError(f"{path}: dataset /{split}/{name} is missing (split {split!r}; "
-                             f"groups present: {have})")
+            raise UsageError(f"{path}: dataset /{split}/{name} is missing (split {split!r}; groups present: {have})")
     x, y = f[split]["x"], f[split]["y"]
     n = x.shape[0] if x.ndim else 0
     if x.shape[1:] != head["input_shape"]:
-        raise UsageError(f"{path}: /{split}/x has shape {list(x.shape)}, expected "
-                         f"[N, {', '.join(map(str, head['input_shape']))}] from input_shape")
+        raise UsageError(
+            f"{path}: /{split}/x has shape {list(x.shape)}, expected "
+            f"[N, {', '.join(map(str, head['input_shape']))}] from input_shape"
+        )
     if x.dtype != np.uint8 and x.dtype.kind != "f":
         raise UsageError(f"{path}: /{split}/x has dtype {x.dtype}; store inputs as uint8 or float")
     want = (n,) + ((head["num_classes"],) if head["task"] == "regression" else ())
     if y.shape != want:
-        raise UsageError(f"{path}: /{split}/y has shape {list(y.shape)}, expected {list(want)} "
-                         f"for {head['task']} with {n} inputs")
+        raise UsageError(
+            f"{path}: /{split}/y has shape {list(y.shape)}, expected {list(want)} for {head['task']} with {n} inputs"
+        )
     if head["task"] == "classification" and y.dtype.kind not in "iu":
         raise UsageError(f"{path}: /{split}/y has dtype {y.dtype}; classification labels must be integers")
     if head["task"] == "regression" and y.dtype.kind != "f":
         raise UsageError(f"{path}: /{split}/y has dtype {y.dtype}; regression targets must be float")
     count = f[split].attrs.get("count")
     if count is None or int(count) != n:
-        raise UsageError(f"{path}: split {split!r} holds {n} examples but its count attribute "
-                         f"says {count}; the file is incomplete or was edited, re-convert it")
+        raise UsageError(
+            f"{path}: split {split!r} holds {n} examples but its count attribute "
+            f"says {count}; the file is incomplete or was edited, re-convert it"
+        )
     if n == 0:
         raise UsageError(f"{path}: split {split!r} is empty")
     return x, y
@@ -172,18 +183,19 @@ def scan(path: Path, split: str, x: h5py.Dataset, y: h5py.Dataset, head: dict) -
     rows = max(1, SCAN_BYTES // max(1, x.dtype.itemsize * int(np.prod(x.shape[1:]))))
     for start in range(0, x.shape[0], rows):
         try:
-            xb, yb = x[start:start + rows], y[start:start + rows]
+            xb, yb = x[start : start + rows], y[start : start + rows]
         except OSError as exc:
-            return (f"{path}: cannot read /{split} rows {start}..{start + rows - 1} ({exc}); "
-                    f"the file is damaged (checksum), re-convert or copy it again")
+            return (
+                f"{path}: cannot read /{split} rows {start}..{start + rows - 1} ({exc}); "
+                f"the file is damaged (checksum), re-convert or copy it again"
+            )
         problem = find_bad_values(xb, yb, head["task"], head["num_classes"], start)
         if problem:
             return f"{path}: split {split!r}: {problem}"
     return None
 
 
-def open_dataset(path: Path | str, split: str = "train", *, verify: bool = True,
-                 comm=None) -> DatasetInfo:  # noqa: ANN001 - mpi4py communicator
+def open_dataset(path: Path | str, split: str = "train", *, verify: bool = True, comm=None) -> DatasetInfo:
     """Validate `split` of `path` and describe it; any problem is one UsageError line.
 
     The structure is checked on every rank (metadata only). With `verify` the values are
@@ -212,8 +224,7 @@ def _open(path: Path, split: str, scan_values: bool) -> DatasetInfo:
     if split not in SPLITS:
         raise UsageError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
     if not path.is_file():
-        raise UsageError(f"{path}: no such file; convert a data set with python -m hpcbnn.data "
-                         f"(see --help)")
+        raise UsageError(f"{path}: no such file; convert a data set with python -m hpcbnn.data (see --help)")
     try:
         f = open_h5(path)
     except OSError as exc:
@@ -238,8 +249,11 @@ class Progress:
         now = time.monotonic()
         if self.enabled and now - self.last >= self.every:
             self.last = now
-            print(f"hpcbnn.data: {self.label}: {done}/{self.total} examples "
-                  f"({100 * done // max(1, self.total)}%)", file=sys.stderr, flush=True)
+            print(
+                f"hpcbnn.data: {self.label}: {done}/{self.total} examples ({100 * done // max(1, self.total)}%)",
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 class _Moments:
@@ -261,7 +275,7 @@ class _Moments:
         n = self.n + n_b
         delta = mean_b - self.mean
         self.mean = self.mean + delta * n_b / n
-        self.m2 = self.m2 + m2_b + delta ** 2 * self.n * n_b / n
+        self.m2 = self.m2 + m2_b + delta**2 * self.n * n_b / n
         self.n = n
 
     def std(self) -> np.ndarray:
@@ -277,10 +291,19 @@ class DatasetWriter:
     and concurrent writers of the same content are safe.
     """
 
-    def __init__(self, path: Path | str, *, task: Task, input_shape: Sequence[int],
-                 num_classes: int, counts: Mapping[str, int], x_dtype: np.dtype | type = np.float32,
-                 class_names: Sequence[str] | None = None, source: str = "",
-                 progress: bool = False) -> None:
+    def __init__(
+        self,
+        path: Path | str,
+        *,
+        task: Task,
+        input_shape: Sequence[int],
+        num_classes: int,
+        counts: Mapping[str, int],
+        x_dtype: np.dtype | type = np.float32,
+        class_names: Sequence[str] | None = None,
+        source: str = "",
+        progress: bool = False,
+    ) -> None:
         self.path = Path(path)
         self.source = source or str(path)
         self.task, self.num_classes = task, int(num_classes)
@@ -288,8 +311,9 @@ class DatasetWriter:
         self.counts = {s: int(counts[s]) for s in SPLITS}
         for split, n in self.counts.items():
             if n < 1:
-                raise UsageError(f"{self.source}: the {split} split would be empty; "
-                                 f"adjust --val_fraction/--test_fraction")
+                raise UsageError(
+                    f"{self.source}: the {split} split would be empty; adjust --val_fraction/--test_fraction"
+                )
         self.done = dict.fromkeys(SPLITS, 0)
         self.x_moments = _Moments(self.input_shape[0])
         self.y_moments = _Moments(self.num_classes) if task == "regression" else None
@@ -304,8 +328,13 @@ class DatasetWriter:
 
     def _layout(self, x_dtype: np.dtype, class_names: Sequence[str] | None) -> None:
         f = self.file
-        f.attrs.update(schema_version=SCHEMA_VERSION, task=self.task, num_classes=self.num_classes,
-                       input_shape=np.array(self.input_shape, np.int64), source=self.source)
+        f.attrs.update(
+            schema_version=SCHEMA_VERSION,
+            task=self.task,
+            num_classes=self.num_classes,
+            input_shape=np.array(self.input_shape, np.int64),
+            source=self.source,
+        )
         if class_names is not None:
             f.attrs["class_names"] = [str(c) for c in class_names]
         y_shape = (self.num_classes,) if self.task == "regression" else ()
@@ -323,15 +352,17 @@ class DatasetWriter:
         start = self.done[split]
         x, y = np.asarray(x, self.file[split]["x"].dtype), np.asarray(y)
         if x.shape[1:] != self.input_shape or len(y) != len(x):
-            raise UsageError(f"{self.source}: {split} inputs of shape {list(x.shape)} with "
-                             f"{len(y)} targets do not fit input shape {list(self.input_shape)}")
+            raise UsageError(
+                f"{self.source}: {split} inputs of shape {list(x.shape)} with "
+                f"{len(y)} targets do not fit input shape {list(self.input_shape)}"
+            )
         if start + len(x) > self.counts[split]:
             raise ValueError(f"{split}: {start + len(x)} rows exceed the declared {self.counts[split]}")
         problem = find_bad_values(x, y, self.task, self.num_classes, start)
         if problem:
             raise UsageError(f"{self.source}: {split} split: {problem}")
-        self.file[split]["x"][start:start + len(x)] = x
-        self.file[split]["y"][start:start + len(x)] = y
+        self.file[split]["x"][start : start + len(x)] = x
+        self.file[split]["y"][start : start + len(x)] = y
         if split == "train":
             self.x_moments.add(x)
             if self.y_moments is not None:
@@ -356,10 +387,10 @@ class DatasetWriter:
         self.file.close()
         self.tmp.unlink(missing_ok=True)
 
-    def __enter__(self) -> "DatasetWriter":
+    def __enter__(self) -> DatasetWriter:
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:  # noqa: ANN001
+    def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             self.abort()
             return

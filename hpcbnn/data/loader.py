@@ -15,9 +15,10 @@ from __future__ import annotations
 import os
 import queue
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, TypeVar
+from typing import TypeVar
 
 import h5py
 import numpy as np
@@ -33,16 +34,17 @@ AUTO_PRELOAD_BYTES = 1 << 30  # above this a rank streams from the file unless p
 
 @dataclass
 class Batch:
-    x: torch.Tensor       # float32 [B/D, *input_shape], normalised
-    y: torch.Tensor       # int64 [B/D] or float32 [B/D, d] (normalised regression targets)
-    index: torch.Tensor   # int64 [B/D]: global example indices, in batch order
-    rows: slice           # these are rows `rows` of the global batch (grid.local_batch(B))
-    valid: torch.Tensor   # bool [B/D]: False for fill-up rows of a last batch (drop_last=False)
-    step: int             # position of the batch in the epoch
+    x: torch.Tensor  # float32 [B/D, *input_shape], normalised
+    y: torch.Tensor  # int64 [B/D] or float32 [B/D, d] (normalised regression targets)
+    index: torch.Tensor  # int64 [B/D]: global example indices, in batch order
+    rows: slice  # these are rows `rows` of the global batch (grid.local_batch(B))
+    valid: torch.Tensor  # bool [B/D]: False for fill-up rows of a last batch (drop_last=False)
+    step: int  # position of the batch in the epoch
 
 
-def epoch_order(n: int, batch_size: int, seed: int, epoch: int, shuffle: bool = True,
-                drop_last: bool = True) -> np.ndarray:
+def epoch_order(
+    n: int, batch_size: int, seed: int, epoch: int, shuffle: bool = True, drop_last: bool = True
+) -> np.ndarray:
     """The global batches of an epoch as example indices, [steps, batch_size].
 
     The permutation depends on (seed, epoch) only. Without `drop_last` the order is
@@ -110,8 +112,11 @@ class _Rows:
         try:
             return retrying(read, f"/{self.info.split}/x of {self.info.path}")
         except OSError as exc:
-            raise UsageError(f"{self.info.path}: cannot read /{self.info.split}/x ({exc}); the "
-                             f"file is damaged, re-convert or copy it again", collective=False) from None
+            raise UsageError(
+                f"{self.info.path}: cannot read /{self.info.split}/x ({exc}); the "
+                f"file is damaged, re-convert or copy it again",
+                collective=False,
+            ) from None
 
     def close(self) -> None:
         if self.file is not None and self.pid == os.getpid():
@@ -137,14 +142,27 @@ class Loader:
     UsageError for True, streaming for None).
     """
 
-    def __init__(self, path: Path | str, split: str, grid, batch_size: int, *,  # noqa: ANN001
-                 seed: int = 0, shuffle: bool = True, drop_last: bool = True, prefetch: int = 2,
-                 preload: bool | None = None, verify: bool = True) -> None:
+    def __init__(
+        self,
+        path: Path | str,
+        split: str,
+        grid,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = True,
+        prefetch: int = 2,
+        preload: bool | None = None,
+        verify: bool = True,
+    ) -> None:
         self.info = open_dataset(path, split, verify=verify, comm=grid.world)
         grid.check(grid.sample_size, batch_size)  # B must split evenly over the D data groups
         if batch_size < 1 or (drop_last and self.info.n < batch_size):
-            raise UsageError(f"{self.info.path}: split {split!r} has {self.info.n} examples, fewer than "
-                             f"one global batch of {batch_size}; lower the batch size")
+            raise UsageError(
+                f"{self.info.path}: split {split!r} has {self.info.n} examples, fewer than "
+                f"one global batch of {batch_size}; lower the batch size"
+            )
         if seed < 0:
             raise UsageError(f"seed {seed} is negative; use a seed >= 0")
         self.grid, self.batch_size, self.seed = grid, batch_size, seed
@@ -170,8 +188,7 @@ class Loader:
         """Every row this rank can be asked for (sorted): its fixed shard without shuffling, else all (None)."""
         if self.shuffle:
             return None
-        return np.unique(epoch_order(self.info.n, self.batch_size, self.seed, 0, False,
-                                     self.drop_last)[:, self.rows])
+        return np.unique(epoch_order(self.info.n, self.batch_size, self.seed, 0, False, self.drop_last)[:, self.rows])
 
     def _should_preload(self, preload: bool | None) -> bool:
         if preload is False:
@@ -182,9 +199,11 @@ class Loader:
         share = min(self.grid.world.allgather(available_memory() // (4 * self.grid.local_size)))
         fits = need <= share
         if preload and not fits:
-            raise UsageError(f"{self.info.path}: preloading split {self.info.split!r} takes "
-                             f"{need / 2**30:.2f} GiB per rank, more than the {share / 2**30:.2f} GiB "
-                             f"share of the available memory on the fullest node; do not preload")
+            raise UsageError(
+                f"{self.info.path}: preloading split {self.info.split!r} takes "
+                f"{need / 2**30:.2f} GiB per rank, more than the {share / 2**30:.2f} GiB "
+                f"share of the available memory on the fullest node; do not preload"
+            )
         return fits and (bool(preload) or need <= AUTO_PRELOAD_BYTES)
 
     @property
@@ -210,13 +229,12 @@ class Loader:
     def _batch(self, step: int, index: np.ndarray, valid: np.ndarray) -> Batch:
         x = torch.from_numpy(self.source.read(index)).float().mul_(self.scale).add_(self.shift)
         index_t = torch.from_numpy(index.astype(np.int64))
-        return Batch(x=x, y=self.y[index_t], index=index_t, rows=self.rows,
-                     valid=torch.from_numpy(valid), step=step)
+        return Batch(x=x, y=self.y[index_t], index=index_t, rows=self.rows, valid=torch.from_numpy(valid), step=step)
 
     def close(self) -> None:
         self.source.close()
 
-    def __enter__(self) -> "Loader":
+    def __enter__(self) -> Loader:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -251,7 +269,7 @@ def _background(items: Iterator[T], depth: int) -> Iterator[T]:
                 if not put(item):
                     return
             put(_END)
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
+        except BaseException as exc:
             put(_Failure(exc))
 
     thread = threading.Thread(target=work, name="hpcbnn-prefetch", daemon=True)
@@ -267,4 +285,3 @@ def _background(items: Iterator[T], depth: int) -> Iterator[T]:
     finally:
         stop.set()
         thread.join()
-

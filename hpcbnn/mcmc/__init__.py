@@ -17,5 +17,20 @@ from hpcbnn.mcmc.nuts import nuts
 from hpcbnn.mcmc.sampler import Draws, sample
 from hpcbnn.mcmc.target import Layout, ModelTarget, ShardedSum
 
-__all__ = ["Draws", "Layout", "ModelTarget", "Phase", "ShardedSum", "Stats", "Target", "ess_bulk",
-           "ess_tail", "hmc", "leapfrog", "nuts", "rhat", "sample", "summary"]
+__all__ = [
+    "Draws",
+    "Layout",
+    "ModelTarget",
+    "Phase",
+    "ShardedSum",
+    "Stats",
+    "Target",
+    "ess_bulk",
+    "ess_tail",
+    "hmc",
+    "leapfrog",
+    "nuts",
+    "rhat",
+    "sample",
+    "summary",
+]

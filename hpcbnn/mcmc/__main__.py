@@ -17,13 +17,13 @@ from typing import Literal, Optional
 
 import torch
 
-from hpcbnn.config import parse_options
 from hpcbnn.errors import UsageError, entry_point
-from hpcbnn.grid import ProcessGrid
 from hpcbnn.mcmc import diagnostics, models, results
 from hpcbnn.mcmc.hmc import Stats
 from hpcbnn.mcmc.sampler import sample
 from hpcbnn.mcmc.target import ShardedSum
+from hpcbnn.parallel.grid import ProcessGrid
+from hpcbnn.run.config import parse_options
 
 
 @dataclass
@@ -80,8 +80,10 @@ def parse(argv: list[str] | None) -> Options:
 def check(opts: Options, grid: ProcessGrid) -> None:
     """Reject impossible runs on every rank alike, before any work."""
     if opts.chains < 1 or opts.chains % grid.sample_size:
-        raise UsageError(f"--chains {opts.chains} is not divisible by the K={grid.sample_size} ranks of "
-                         f"a sample group ({grid.describe()}); use a multiple of {grid.sample_size}")
+        raise UsageError(
+            f"--chains {opts.chains} is not divisible by the K={grid.sample_size} ranks of "
+            f"a sample group ({grid.describe()}); use a multiple of {grid.sample_size}"
+        )
     for name in ("draws", "max_depth", "num_steps", "log_every"):
         if getattr(opts, name) < 1:
             raise UsageError(f"--{name} must be at least 1, not {getattr(opts, name)}")
@@ -102,10 +104,16 @@ def check(opts: Options, grid: ProcessGrid) -> None:
 def problem(opts: Options, grid: ProcessGrid) -> models.Problem:
     d, n = grid.data_rank, grid.data_size
     if opts.model == "covertype":
-        built = models.covertype_problem(d, n, rows=opts.rows or models.COVERTYPE_ROWS,
-                                         seed=opts.seed, path=opts.data,
-                                         positive_class=opts.positive_class, comm=grid.world,
-                                         device=opts.device)
+        built = models.covertype_problem(
+            d,
+            n,
+            rows=opts.rows or models.COVERTYPE_ROWS,
+            seed=opts.seed,
+            path=opts.data,
+            positive_class=opts.positive_class,
+            comm=grid.world,
+            device=opts.device,
+        )
     elif opts.model == "linear":
         built = models.linear_problem(d, n, rows=opts.rows or 1000, seed=opts.seed)
     elif opts.model == "gaussian":
@@ -113,8 +121,7 @@ def problem(opts: Options, grid: ProcessGrid) -> models.Problem:
     else:
         built = models.eight_schools_problem()
     if n > 1 and not built.splittable:
-        raise UsageError(f"--model {opts.model} has no data rows to split over D={n} data groups; "
-                         f"use --mode sample")
+        raise UsageError(f"--model {opts.model} has no data rows to split over D={n} data groups; use --mode sample")
     return built
 
 
@@ -135,11 +142,14 @@ class Reporter:
         if self.enabled and (done % self.opts.log_every == 0 or done == total):
             phase = "warmup" if it < self.opts.warmup else "sample"
             elapsed = time.perf_counter() - self.start
-            print(f"{phase} {done}/{total}  step {step_size.mean():.3g}  "
-                  f"accept {st.accept_prob.mean():.2f}  depth {st.tree_depth.float().mean():.1f}  "
-                  f"divergent {self.divergent}  {elapsed:.1f}s "
-                  f"({1e3 * elapsed / max(self.leapfrogs, 1):.2f} ms/leapfrog)", file=sys.stderr,
-                  flush=True)
+            print(
+                f"{phase} {done}/{total}  step {step_size.mean():.3g}  "
+                f"accept {st.accept_prob.mean():.2f}  depth {st.tree_depth.float().mean():.1f}  "
+                f"divergent {self.divergent}  {elapsed:.1f}s "
+                f"({1e3 * elapsed / max(self.leapfrogs, 1):.2f} ms/leapfrog)",
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 @entry_point("hpcbnn.mcmc")
@@ -152,20 +162,35 @@ def main(argv: list[str] | None = None) -> int:
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise UsageError(f"--out {out}: cannot create it ({exc.strerror}); choose another "
-                             f"directory", collective=False) from None
+            raise UsageError(
+                f"--out {out}: cannot create it ({exc.strerror}); choose another directory", collective=False
+            ) from None
     built = problem(opts, grid)
     target = ShardedSum(built.local, grid.data_comm)
     mine = grid.local_samples(opts.chains)
     chains = torch.arange(mine.start, mine.stop, device=opts.device)
     if grid.is_root:
-        print(f"hpcbnn.mcmc: {opts.model}, {opts.kernel}, {opts.chains} chains, {built.dim} "
-              f"parameters; {grid.describe()}", flush=True)
+        print(
+            f"hpcbnn.mcmc: {opts.model}, {opts.kernel}, {opts.chains} chains, {built.dim} "
+            f"parameters; {grid.describe()}",
+            flush=True,
+        )
     reporter = Reporter(opts, grid.is_root)
-    draws = sample(target, built.dim, chains, seed=opts.seed, num_warmup=opts.warmup,
-                   num_draws=opts.draws, kernel=opts.kernel, max_depth=opts.max_depth,
-                   num_steps=opts.num_steps, target_accept=opts.target_accept,
-                   step_size=opts.step_size, adapt_mass=opts.adapt_mass, progress=reporter)
+    draws = sample(
+        target,
+        built.dim,
+        chains,
+        seed=opts.seed,
+        num_warmup=opts.warmup,
+        num_draws=opts.draws,
+        kernel=opts.kernel,
+        max_depth=opts.max_depth,
+        num_steps=opts.num_steps,
+        target_accept=opts.target_accept,
+        step_size=opts.step_size,
+        adapt_mass=opts.adapt_mass,
+        progress=reporter,
+    )
     posterior = results.gather(draws, built.constrain, built.names, grid)
     if posterior is None:
         return 0
@@ -173,13 +198,14 @@ def main(argv: list[str] | None = None) -> int:
     text = results.table(summary, posterior.names)
     divergent = int(posterior.stats["diverging"].sum())
     bfmi = diagnostics.ebfmi(posterior.stats["energy"])
-    footer = (f"{divergent} divergent transitions after warm-up; E-BFMI per chain "
-              f"{' '.join(f'{b:.2f}' for b in bfmi)}; mean tree depth "
-              f"{posterior.stats['tree_depth'].mean():.1f}")
+    footer = (
+        f"{divergent} divergent transitions after warm-up; E-BFMI per chain "
+        f"{' '.join(f'{b:.2f}' for b in bfmi)}; mean tree depth "
+        f"{posterior.stats['tree_depth'].mean():.1f}"
+    )
     print(text + "\n" + footer, flush=True)
     (out / "summary.txt").write_text(text + "\n" + footer + "\n")
-    results.save(posterior, summary, out / "draws.h5",
-                 {**asdict(opts), "ranks": grid.size, "grid": grid.describe()})
+    results.save(posterior, summary, out / "draws.h5", {**asdict(opts), "ranks": grid.size, "grid": grid.describe()})
     if opts.plots:
         results.trace_plot(posterior, out / "trace.png")
         results.rank_plot(posterior, out / "rank.png")

@@ -15,8 +15,9 @@ from hpcbnn.mcmc import rng
 from hpcbnn.mcmc.hmc import Phase, Target, draw_momentum, energy_error, kinetic, leapfrog
 
 
-def slow_windows(num_warmup: int, init_buffer: int = 75, term_buffer: int = 50,
-                 base_window: int = 25) -> list[tuple[int, int]]:
+def slow_windows(
+    num_warmup: int, init_buffer: int = 75, term_buffer: int = 50, base_window: int = 25
+) -> list[tuple[int, int]]:
     """Iterations [start, end) whose draws estimate the metric; each window doubles the last.
 
     The first `init_buffer` iterations only find the typical set and a step size, the last
@@ -42,8 +43,9 @@ def slow_windows(num_warmup: int, init_buffer: int = 75, term_buffer: int = 50,
 class DualAveraging:
     """Nesterov dual averaging of log step size towards a target acceptance (Hoffman & Gelman 2014)."""
 
-    def __init__(self, step_size: Tensor, target_accept: float = 0.8, gamma: float = 0.05,
-                 t0: float = 10.0, kappa: float = 0.75) -> None:
+    def __init__(
+        self, step_size: Tensor, target_accept: float = 0.8, gamma: float = 0.05, t0: float = 10.0, kappa: float = 0.75
+    ) -> None:
         self.target_accept, self.gamma, self.t0, self.kappa = target_accept, gamma, t0, kappa
         self.restart(step_size)
 
@@ -59,7 +61,7 @@ class DualAveraging:
         eta = 1.0 / (self.count + self.t0)
         self.s_bar = (1 - eta) * self.s_bar + eta * (self.target_accept - accept_prob.clamp(max=1.0))
         x = self.mu - self.s_bar * math.sqrt(self.count) / self.gamma
-        weight = self.count ** -self.kappa
+        weight = self.count**-self.kappa
         self.x_bar = (1 - weight) * self.x_bar + weight * x
         return torch.exp(x)
 
@@ -89,8 +91,16 @@ class WindowVariance:
         return (n / (n + 5.0)) * var + 1e-3 * (5.0 / (n + 5.0))
 
 
-def find_step_size(target: Target, z: Phase, step_size: Tensor, inv_mass: Tensor, seed: int,
-                   chains: Tensor, iteration: int, max_rounds: int = 100) -> Tensor:
+def find_step_size(
+    target: Target,
+    z: Phase,
+    step_size: Tensor,
+    inv_mass: Tensor,
+    seed: int,
+    chains: Tensor,
+    iteration: int,
+    max_rounds: int = 100,
+) -> Tensor:
     """Stan's heuristic: double or halve each chain's step until one leapfrog step's
     acceptance crosses 0.8, so that dual averaging starts from a sensible scale."""
     log_target = math.log(0.8)
@@ -100,14 +110,12 @@ def find_step_size(target: Target, z: Phase, step_size: Tensor, inv_mass: Tensor
     for r in range(max_rounds):
         p = draw_momentum(seed, chains, inv_mass, iteration, rng.Stream.STEP_SEARCH, r)
         h0 = kinetic(p, inv_mass) - z.logp
-        delta = energy_error(leapfrog(target, z.with_momentum(p), step_size, inv_mass),
-                             inv_mass, h0)
+        delta = energy_error(leapfrog(target, z.with_momentum(p), step_size, inv_mass), inv_mass, h0)
         up = -delta > log_target
         if direction is None:
             direction = up
         pending &= up == direction
         if not pending.any():
             break
-        step_size = torch.where(pending, torch.where(direction, 2 * step_size, 0.5 * step_size),
-                                step_size)
+        step_size = torch.where(pending, torch.where(direction, 2 * step_size, 0.5 * step_size), step_size)
     return step_size

@@ -18,7 +18,7 @@ PROBS = (0.05, 0.5, 0.95)
 def split_chains(x: np.ndarray) -> np.ndarray:
     """Each chain's first and second half as two chains (the middle draw of an odd count dropped)."""
     half = x.shape[1] // 2
-    return np.concatenate([x[:, :half], x[:, x.shape[1] - half:]], axis=0)
+    return np.concatenate([x[:, :half], x[:, x.shape[1] - half :]], axis=0)
 
 
 def ranks(x: np.ndarray) -> np.ndarray:
@@ -88,7 +88,7 @@ def ess(x: np.ndarray) -> float:
     for t in range(1, max_t - 1, 2):  # made monotone
         if rho[t + 1] + rho[t + 2] > rho[t - 1] + rho[t]:
             rho[t + 1] = rho[t + 2] = (rho[t - 1] + rho[t]) / 2
-    tau = -1 + 2 * rho[:max_t + 1].sum() + rho[max_t + 1:max_t + 2].sum()
+    tau = -1 + 2 * rho[: max_t + 1].sum() + rho[max_t + 1 : max_t + 2].sum()
     tau = max(tau, 1 / np.log10(x.size))
     return float(x.size / tau) if np.isfinite(rho).all() else float("nan")
 
@@ -110,9 +110,9 @@ def summary(draws: np.ndarray) -> dict[str, np.ndarray]:
     """Per-parameter mean, sd, 5/50/95% quantiles, MCSE of the mean, bulk/tail ESS and R-hat.
 
     R-hat needs at least two chains (NaN otherwise, as in ArviZ)."""
-    columns: dict[str, list[float]] = {k: [] for k in
-                                       ("mean", "sd", "q5", "q50", "q95", "mcse_mean",
-                                        "ess_bulk", "ess_tail", "r_hat")}
+    columns: dict[str, list[float]] = {
+        k: [] for k in ("mean", "sd", "q5", "q50", "q95", "mcse_mean", "ess_bulk", "ess_tail", "r_hat")
+    }
     for i in range(draws.shape[2]):
         x = draws[:, :, i]
         columns["mean"].append(float(x.mean()))

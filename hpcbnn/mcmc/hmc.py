@@ -8,8 +8,8 @@ when the target's cost is reading the data.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -21,7 +21,6 @@ Target = Callable[[Tensor], tuple[Tensor, Tensor]]
 
 MAX_DELTA_ENERGY = 1000.0
 """An energy error above this marks a divergent trajectory (Stan's threshold)."""
-
 
 
 class Phase:
@@ -41,15 +40,15 @@ class Phase:
 
     @property
     def q(self) -> Tensor:
-        return self.data[:, :self.dim]
+        return self.data[:, : self.dim]
 
     @property
     def p(self) -> Tensor:
-        return self.data[:, self.dim:2 * self.dim]
+        return self.data[:, self.dim : 2 * self.dim]
 
     @property
     def grad(self) -> Tensor:
-        return self.data[:, 2 * self.dim:3 * self.dim]
+        return self.data[:, 2 * self.dim : 3 * self.dim]
 
     @property
     def logp(self) -> Tensor:
@@ -99,8 +98,16 @@ def energy_error(z: Phase, inv_mass: Tensor, h0: Tensor) -> Tensor:
     return torch.nan_to_num(delta, nan=float("inf"))
 
 
-def hmc(target: Target, z: Phase, step_size: Tensor, inv_mass: Tensor, num_steps: int,
-        seed: int, chains: Tensor, iteration: int) -> tuple[Phase, Stats]:
+def hmc(
+    target: Target,
+    z: Phase,
+    step_size: Tensor,
+    inv_mass: Tensor,
+    num_steps: int,
+    seed: int,
+    chains: Tensor,
+    iteration: int,
+) -> tuple[Phase, Stats]:
     """One Metropolis-corrected HMC transition of `num_steps` leapfrog steps for every chain."""
     p0 = draw_momentum(seed, chains, inv_mass, iteration, rng.Stream.MOMENTUM)
     start = z.with_momentum(p0)
@@ -113,7 +120,11 @@ def hmc(target: Target, z: Phase, step_size: Tensor, inv_mass: Tensor, num_steps
     accept = log_u < -delta
     new = end.where(accept, start)
     n = torch.full_like(chains, num_steps)
-    stats = Stats(accept_prob=torch.exp(torch.clamp(-delta, max=0.0)), n_leapfrog=n,
-                  tree_depth=torch.zeros_like(chains), diverging=delta > MAX_DELTA_ENERGY,
-                  energy=kinetic(new.p, inv_mass) - new.logp)
+    stats = Stats(
+        accept_prob=torch.exp(torch.clamp(-delta, max=0.0)),
+        n_leapfrog=n,
+        tree_depth=torch.zeros_like(chains),
+        diverging=delta > MAX_DELTA_ENERGY,
+        energy=kinetic(new.p, inv_mass) - new.logp,
+    )
     return new, stats

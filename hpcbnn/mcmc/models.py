@@ -8,8 +8,9 @@ leading chains dimension, so every operation indexes from the right (`mu[..., No
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,7 +20,7 @@ from torch.nn import functional as F
 from hpcbnn.errors import UsageError
 from hpcbnn.mcmc.hmc import Target
 from hpcbnn.mcmc.target import ModelTarget
-from hpcbnn.random_variable import Bernoulli, HalfCauchy, MultivariateNormal, Normal
+from hpcbnn.ppl.random_variable import Bernoulli, HalfCauchy, MultivariateNormal, Normal
 
 COVERTYPE_ROWS = 581_012
 COVERTYPE_FEATURES = 54  # 10 quantitative, 4 wilderness areas, 40 soil types; plus an intercept
@@ -37,8 +38,9 @@ def linear_regression(x: Tensor, noise_scale: float = 1.0, prior_scale: float = 
     Normal(torch.einsum("...d,nd->...n", w, x), noise_scale, name="y")
 
 
-def linear_regression_posterior(x: Tensor, y: Tensor, noise_scale: float = 1.0,
-                                prior_scale: float = 1.0) -> tuple[Tensor, Tensor]:
+def linear_regression_posterior(
+    x: Tensor, y: Tensor, noise_scale: float = 1.0, prior_scale: float = 1.0
+) -> tuple[Tensor, Tensor]:
     """Mean and covariance of w given (x, y) under `linear_regression`."""
     precision = x.T @ x / noise_scale**2 + torch.eye(x.shape[1], dtype=x.dtype) / prior_scale**2
     cov = torch.linalg.inv(precision)
@@ -74,8 +76,9 @@ class LogisticRegression:
     give log densities correct to about 1e-7 relative, as in NumPyro or Edward2.
     """
 
-    def __init__(self, x: Tensor, y: Tensor, prior_scale: float = 1.0, prior: bool = True,
-                 block_rows: int = 32768) -> None:
+    def __init__(
+        self, x: Tensor, y: Tensor, prior_scale: float = 1.0, prior: bool = True, block_rows: int = 32768
+    ) -> None:
         self.x, self.prior_scale, self.prior = x, prior_scale, prior
         self.blocks = x.split(block_rows)
         self.xty = x.T.to(torch.float64) @ y.to(torch.float64)
@@ -98,8 +101,7 @@ class LogisticRegression:
         return lp, grad
 
 
-def covertype_shaped(start: int, stop: int, seed: int = 0,
-                     dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+def covertype_shaped(start: int, stop: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
     """Rows [start, stop) of a synthetic data set shaped like covertype, plus an intercept.
 
     Each block of rows comes from its own (seed, block) stream, so a data rank generates
@@ -119,8 +121,9 @@ def covertype_shaped(start: int, stop: int, seed: int = 0,
     for b in range(first, last):
         g = np.random.default_rng([seed, b])
         quantities = g.standard_normal((_BLOCK, 10))
-        onehot = np.concatenate([np.eye(4)[g.choice(4, _BLOCK, p=wilderness_p)],
-                                 np.eye(40)[g.choice(40, _BLOCK, p=soil_p)]], 1)
+        onehot = np.concatenate(
+            [np.eye(4)[g.choice(4, _BLOCK, p=wilderness_p)], np.eye(40)[g.choice(40, _BLOCK, p=soil_p)]], 1
+        )
         x = np.concatenate([quantities, (onehot - p) / np.sqrt(p * (1 - p)), np.ones((_BLOCK, 1))], 1)
         xs.append(x)
         ys.append(g.random(_BLOCK) < 1 / (1 + np.exp(-x @ w_true)))
@@ -148,12 +151,14 @@ class Problem:
     """Whether the likelihood can be split over data ranks (a model with data rows)."""
 
 
-def _traced(model: Callable[..., None], *args: Any, observed: Mapping[str, Tensor],
-            prior: bool, splittable: bool) -> Problem:
+def _traced(
+    model: Callable[..., None], *args: Any, observed: Mapping[str, Tensor], prior: bool, splittable: bool
+) -> Problem:
     target = ModelTarget(model, *args, observed=observed, prior=prior)
     layout = target.layout
-    return Problem(target, target.dim, layout.names(),
-                   lambda theta: layout.flatten(layout.constrain(theta)[0]), splittable)
+    return Problem(
+        target, target.dim, layout.names(), lambda theta: layout.flatten(layout.constrain(theta)[0]), splittable
+    )
 
 
 def gaussian_problem(dim: int = 10, seed: int = 0) -> Problem:
@@ -171,8 +176,7 @@ def gaussian_parameters(dim: int, seed: int) -> tuple[Tensor, Tensor]:
     return torch.linspace(-1, 1, dim, dtype=torch.float64), corr * torch.outer(scale, scale)
 
 
-def linear_data(rows: int, features: int, seed: int, start: int = 0,
-                stop: int | None = None) -> tuple[Tensor, Tensor]:
+def linear_data(rows: int, features: int, seed: int, start: int = 0, stop: int | None = None) -> tuple[Tensor, Tensor]:
     """Rows [start, stop) of a deterministic regression data set (x [n, features], y [n])."""
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(features, generator=g, dtype=torch.float64)
@@ -181,21 +185,27 @@ def linear_data(rows: int, features: int, seed: int, start: int = 0,
     return x[start:stop], y[start:stop]
 
 
-def linear_problem(data_rank: int, data_size: int, rows: int = 1000, features: int = 5,
-                   seed: int = 0) -> Problem:
+def linear_problem(data_rank: int, data_size: int, rows: int = 1000, features: int = 5, seed: int = 0) -> Problem:
     start, stop = shard_rows(rows, data_rank, data_size)
     x, y = linear_data(rows, features, seed, start, stop)
     return _traced(linear_regression, x, observed={"y": y}, prior=data_rank == 0, splittable=True)
 
 
 def eight_schools_problem() -> Problem:
-    return _traced(eight_schools, EIGHT_SCHOOLS_SIGMA, observed={"y": EIGHT_SCHOOLS_Y},
-                   prior=True, splittable=False)
+    return _traced(eight_schools, EIGHT_SCHOOLS_SIGMA, observed={"y": EIGHT_SCHOOLS_Y}, prior=True, splittable=False)
 
 
-def covertype_problem(data_rank: int, data_size: int, rows: int = COVERTYPE_ROWS, seed: int = 0,
-                      path: str | None = None, positive_class: int = 1, comm: Any = None,
-                      dtype: torch.dtype = torch.float32, device: str = "cpu") -> Problem:
+def covertype_problem(
+    data_rank: int,
+    data_size: int,
+    rows: int = COVERTYPE_ROWS,
+    seed: int = 0,
+    path: str | None = None,
+    positive_class: int = 1,
+    comm: Any = None,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+) -> Problem:
     """Bayesian logistic regression on covertype: the HDF5 file at `path` in hpcbnn's data
     format (features standardised with the file's statistics, `positive_class` against the
     rest), or the covertype-shaped synthetic set; this data rank's rows only."""
@@ -205,22 +215,23 @@ def covertype_problem(data_rank: int, data_size: int, rows: int = COVERTYPE_ROWS
     else:
         x, y = _covertype_file(path, data_rank, data_size, positive_class, comm, dtype)
     target = LogisticRegression(x.to(device), y.to(device), prior=data_rank == 0)
-    return Problem(target, target.dim, [f"w[{i}]" for i in range(target.dim)],
-                   lambda theta: theta, True)
+    return Problem(target, target.dim, [f"w[{i}]" for i in range(target.dim)], lambda theta: theta, True)
 
 
-def _covertype_file(path: str, data_rank: int, data_size: int, positive_class: int, comm: Any,
-                    dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def _covertype_file(
+    path: str, data_rank: int, data_size: int, positive_class: int, comm: Any, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
     from hpcbnn.data import open_dataset
     from hpcbnn.data.format import open_h5
 
     info = open_dataset(path, "train", comm=comm)
     if info.task != "classification" or len(info.input_shape) != 1:
-        raise UsageError(f"{path}: logistic regression needs a classification set of feature "
-                         f"vectors, not {info.task} inputs of shape {info.input_shape}")
+        raise UsageError(
+            f"{path}: logistic regression needs a classification set of feature "
+            f"vectors, not {info.task} inputs of shape {info.input_shape}"
+        )
     if not 0 <= positive_class < info.num_classes:
-        raise UsageError(f"--positive_class {positive_class} is not a class of {path} "
-                         f"(0..{info.num_classes - 1})")
+        raise UsageError(f"--positive_class {positive_class} is not a class of {path} (0..{info.num_classes - 1})")
     start, stop = shard_rows(info.n, data_rank, data_size)
     with open_h5(path) as f:
         x = np.asarray(f["train/x"][start:stop], dtype=np.float64)

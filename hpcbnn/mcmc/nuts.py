@@ -19,8 +19,7 @@ import torch
 from torch import Tensor
 
 from hpcbnn.mcmc import rng
-from hpcbnn.mcmc.hmc import (MAX_DELTA_ENERGY, Phase, Stats, Target, draw_momentum,
-                             energy_error, kinetic, leapfrog)
+from hpcbnn.mcmc.hmc import MAX_DELTA_ENERGY, Phase, Stats, Target, draw_momentum, energy_error, kinetic, leapfrog
 
 
 def is_turning(p_left: Tensor, p_right: Tensor, rho: Tensor, inv_mass: Tensor) -> Tensor:
@@ -39,8 +38,16 @@ def _checkpoints(n: int) -> tuple[int, int]:
     return hi - trailing_ones + 1, hi
 
 
-def nuts(target: Target, z: Phase, step_size: Tensor, inv_mass: Tensor, max_depth: int,
-         seed: int, chains: Tensor, iteration: int) -> tuple[Phase, Stats]:
+def nuts(
+    target: Target,
+    z: Phase,
+    step_size: Tensor,
+    inv_mass: Tensor,
+    max_depth: int,
+    seed: int,
+    chains: Tensor,
+    iteration: int,
+) -> tuple[Phase, Stats]:
     """One NUTS transition for every chain (its `z.p` is ignored: momentum is resampled)."""
     num, dim = z.q.shape
     dtype, device = z.q.dtype, z.q.device
@@ -92,7 +99,7 @@ def nuts(target: Target, z: Phase, step_size: Tensor, inv_mass: Tensor, max_dept
             stop = log_weight < -MAX_DELTA_ENERGY
             diverging |= building & stop
             if lo <= hi:
-                p_start, rho_start = ckpt_p[lo:hi + 1], ckpt_rho[lo:hi + 1]
+                p_start, rho_start = ckpt_p[lo : hi + 1], ckpt_rho[lo : hi + 1]
                 stop |= is_turning(p_start, p, sub_rho - rho_start + p_start, inv_mass).any(0)
             building &= ~stop
             end = new.where(building, end)
@@ -106,7 +113,11 @@ def nuts(target: Target, z: Phase, step_size: Tensor, inv_mass: Tensor, max_dept
         left = end.where(merge & ~fwd, left)
         active = merge & ~is_turning(left.p, right.p, rho, inv_mass)
 
-    stats = Stats(accept_prob=sum_accept / n_leapfrog.clamp(min=1), n_leapfrog=n_leapfrog,
-                  tree_depth=depth, diverging=diverging,
-                  energy=kinetic(proposal.p, inv_mass) - proposal.logp)
+    stats = Stats(
+        accept_prob=sum_accept / n_leapfrog.clamp(min=1),
+        n_leapfrog=n_leapfrog,
+        tree_depth=depth,
+        diverging=diverging,
+        energy=kinetic(proposal.p, inv_mass) - proposal.logp,
+    )
     return proposal, stats

@@ -12,9 +12,10 @@ HDF5 layout (written to a temporary file, then renamed, so a file that exists is
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import h5py
 import numpy as np
@@ -22,9 +23,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from hpcbnn.grid import ProcessGrid
 from hpcbnn.mcmc import diagnostics
 from hpcbnn.mcmc.sampler import Draws
+from hpcbnn.parallel.grid import ProcessGrid
 
 
 @dataclass
@@ -38,18 +39,22 @@ class Posterior:
     inv_mass: np.ndarray
 
 
-def gather(local: Draws, constrain: Callable[[Tensor], Tensor], names: list[str],
-           grid: ProcessGrid) -> Posterior | None:
+def gather(
+    local: Draws, constrain: Callable[[Tensor], Tensor], names: list[str], grid: ProcessGrid
+) -> Posterior | None:
     """Collect the chains of all sample ranks on world rank 0 (None on the others).
 
     Data ranks > 0 hold copies of their group's chains and send nothing."""
     if grid.data_rank != 0:
         return None
     num, n, dim = local.theta.shape
-    part = {"chains": local.chains.cpu().numpy(),
-            "draws": constrain(local.theta.reshape(num * n, dim)).reshape(num, n, -1).cpu().numpy(),
-            "stats": {k: v.cpu().numpy() for k, v in local.stats.items()},
-            "step_size": local.step_size.cpu().numpy(), "inv_mass": local.inv_mass.cpu().numpy()}
+    part = {
+        "chains": local.chains.cpu().numpy(),
+        "draws": constrain(local.theta.reshape(num * n, dim)).reshape(num, n, -1).cpu().numpy(),
+        "stats": {k: v.cpu().numpy() for k, v in local.stats.items()},
+        "step_size": local.step_size.cpu().numpy(),
+        "inv_mass": local.inv_mass.cpu().numpy(),
+    }
     parts = grid.sample_comm.gather(part, root=0)
     if parts is None:
         return None
@@ -58,13 +63,16 @@ def gather(local: Draws, constrain: Callable[[Tensor], Tensor], names: list[str]
     def join(get: Callable[[dict], np.ndarray]) -> np.ndarray:
         return np.concatenate([get(p) for p in parts])[order]
 
-    return Posterior(join(lambda p: p["draws"]), names,
-                     {k: join(lambda p, k=k: p["stats"][k]) for k in parts[0]["stats"]},
-                     join(lambda p: p["step_size"]), join(lambda p: p["inv_mass"]))
+    return Posterior(
+        join(lambda p: p["draws"]),
+        names,
+        {k: join(lambda p, k=k: p["stats"][k]) for k in parts[0]["stats"]},
+        join(lambda p: p["step_size"]),
+        join(lambda p: p["inv_mass"]),
+    )
 
 
-def save(posterior: Posterior, summary: Mapping[str, np.ndarray], path: Path,
-         attrs: Mapping[str, Any]) -> Path:
+def save(posterior: Posterior, summary: Mapping[str, np.ndarray], path: Path, attrs: Mapping[str, Any]) -> Path:
     """Write the HDF5 file atomically (temporary file + rename)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -98,8 +106,10 @@ def table(summary: Mapping[str, np.ndarray], names: list[str]) -> str:
     keys = ["mean", "sd", "q5", "q50", "q95", "mcse_mean", "ess_bulk", "ess_tail", "r_hat"]
     rows = [[name] + [_number(key, summary[key][i]) for key in keys] for i, name in enumerate(names)]
     widths = [max(len(r[c]) for r in [header] + rows) for c in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) if c == 0 else cell.rjust(w)
-                       for c, (cell, w) in enumerate(zip(row, widths))) for row in [header] + rows]
+    lines = [
+        "  ".join(cell.ljust(w) if c == 0 else cell.rjust(w) for c, (cell, w) in enumerate(zip(row, widths)))
+        for row in [header] + rows
+    ]
     return "\n".join(lines)
 
 
@@ -139,8 +149,7 @@ def rank_plot(posterior: Posterior, path: Path, max_params: int = 8, bins: int =
         ranks = diagnostics.ranks(posterior.draws[:, :, i])
         edges = np.linspace(0.5, chains * n + 0.5, bins + 1)
         for c in range(chains):
-            axes[i].stairs(np.histogram(ranks[c], bins=edges)[0], edges, baseline=None,
-                           color=f"C{c % 10}")
+            axes[i].stairs(np.histogram(ranks[c], bins=edges)[0], edges, baseline=None, color=f"C{c % 10}")
         axes[i].axhline(n / bins, color="k", ls="--", lw=0.8)
         axes[i].set_title(posterior.names[i], fontsize=9)
         axes[i].set_xlabel("rank")

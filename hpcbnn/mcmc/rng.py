@@ -27,6 +27,7 @@ class Stream(IntEnum):
     LEAF = 5
     STEP_SEARCH = 6
 
+
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
@@ -47,14 +48,26 @@ def _bits(seed: int, chains: torch.Tensor, counters: tuple[int, ...], n: int) ->
         return _mix(h ^ np.arange(n, dtype=np.uint64)[None, :])
 
 
-def uniform(seed: int, chains: torch.Tensor, *counters: int, n: int = 1,
-            dtype: torch.dtype = torch.float64, device: torch.device | None = None) -> torch.Tensor:
+def uniform(
+    seed: int,
+    chains: torch.Tensor,
+    *counters: int,
+    n: int = 1,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | None = None,
+) -> torch.Tensor:
     """U(0, 1) draws of shape [len(chains), n], never exactly 0 or 1."""
     u = ((_bits(seed, chains, counters, n) >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53
     return torch.from_numpy(u).to(dtype=dtype, device=device or chains.device)
 
 
-def normal(seed: int, chains: torch.Tensor, *counters: int, n: int = 1,
-           dtype: torch.dtype = torch.float64, device: torch.device | None = None) -> torch.Tensor:
+def normal(
+    seed: int,
+    chains: torch.Tensor,
+    *counters: int,
+    n: int = 1,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | None = None,
+) -> torch.Tensor:
     """Standard normal draws of shape [len(chains), n] (inverse CDF of `uniform`)."""
     return torch.special.ndtri(uniform(seed, chains, *counters, n=n, device=device)).to(dtype)

@@ -7,8 +7,9 @@ communicator, a chain produces the same draws.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -34,8 +35,15 @@ class Draws:
     inv_mass: Tensor
 
 
-def initial_points(target: Target, seed: int, chains: Tensor, dim: int, radius: float = 2.0,
-                   dtype: torch.dtype = torch.float64, attempts: int = 100) -> Phase:
+def initial_points(
+    target: Target,
+    seed: int,
+    chains: Tensor,
+    dim: int,
+    radius: float = 2.0,
+    dtype: torch.dtype = torch.float64,
+    attempts: int = 100,
+) -> Phase:
     """Stan's default: uniform in [-radius, radius] per coordinate, redrawn where log p is not finite."""
     q = torch.empty(len(chains), dim, dtype=dtype, device=chains.device)
     bad = torch.ones(len(chains), dtype=torch.bool, device=chains.device)
@@ -49,15 +57,30 @@ def initial_points(target: Target, seed: int, chains: Tensor, dim: int, radius: 
         bad = ~(torch.isfinite(logp) & torch.isfinite(grad).all(-1))
         if not bad.any():
             return Phase.of(q, torch.zeros_like(q), logp, grad)
-    raise UsageError(f"no finite log density at {attempts} random initial points in "
-                     f"[-{radius}, {radius}]; check the model and its data")
+    raise UsageError(
+        f"no finite log density at {attempts} random initial points in "
+        f"[-{radius}, {radius}]; check the model and its data"
+    )
 
 
-def sample(target: Target, dim: int, chains: Tensor, *, seed: int, num_warmup: int,
-           num_draws: int, kernel: Kernel = "nuts", max_depth: int = 10, num_steps: int = 16,
-           target_accept: float = 0.8, step_size: float | None = None, adapt_mass: bool = True,
-           init: Tensor | None = None, dtype: torch.dtype = torch.float64,
-           progress: Progress | None = None) -> Draws:
+def sample(
+    target: Target,
+    dim: int,
+    chains: Tensor,
+    *,
+    seed: int,
+    num_warmup: int,
+    num_draws: int,
+    kernel: Kernel = "nuts",
+    max_depth: int = 10,
+    num_steps: int = 16,
+    target_accept: float = 0.8,
+    step_size: float | None = None,
+    adapt_mass: bool = True,
+    init: Tensor | None = None,
+    dtype: torch.dtype = torch.float64,
+    progress: Progress | None = None,
+) -> Draws:
     """Run `len(chains)` chains (global ids `chains`) of `kernel` on `target` in one batch.
 
     A given `step_size` is used as is (no step-size adaptation); otherwise each chain finds

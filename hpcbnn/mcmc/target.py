@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 import torch
 from mpi4py import MPI
@@ -26,7 +27,7 @@ from torch import Tensor
 from torch.distributions import Distribution, Transform, biject_to
 
 from hpcbnn.mcmc.hmc import Target
-from hpcbnn.tracing import condition, tape
+from hpcbnn.ppl.tracing import condition, tape
 
 
 @dataclass(frozen=True)
@@ -83,20 +84,26 @@ class ModelTarget:
     """The log joint of `model(*args)` conditioned on `observed`, over its other variables.
 
     The model must broadcast over a leading chains dimension of its latent values (write
-    `mu[..., None]`, not `mu.unsqueeze(0)`), as `hpcbnn.tracing.log_joint(batch_dims=1)`
+    `mu[..., None]`, not `mu.unsqueeze(0)`), as `hpcbnn.ppl.tracing.log_joint(batch_dims=1)`
     requires. `prior=False` leaves out the prior and Jacobian terms (data ranks other than 0).
     """
 
-    def __init__(self, model: Callable[..., Any], *args: Any, observed: Mapping[str, Tensor],
-                 prior: bool = True) -> None:
+    def __init__(
+        self, model: Callable[..., Any], *args: Any, observed: Mapping[str, Tensor], prior: bool = True
+    ) -> None:
         self.model, self.args, self.observed, self.prior = model, args, dict(observed), prior
         with tape() as rvs:
             condition(model, **self.observed)(*args)
         missing = self.observed.keys() - rvs.keys()
         if missing:
             raise ValueError(f"the model has no random variable named {sorted(missing)}")
-        self.layout = Layout([Latent(name, rv.value.shape, biject_to(rv.distribution.support))
-                              for name, rv in rvs.items() if name not in self.observed])
+        self.layout = Layout(
+            [
+                Latent(name, rv.value.shape, biject_to(rv.distribution.support))
+                for name, rv in rvs.items()
+                if name not in self.observed
+            ]
+        )
         self.dim = self.layout.dim
 
     def log_density(self, theta: Tensor) -> Tensor:

@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from hpcbnn.checkpoint import save_checkpoint
+from hpcbnn.run.checkpoint import save_checkpoint
 
 run_dir, megabytes, first = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 numel = megabytes * 2**20 // 4

@@ -16,7 +16,7 @@ from mpi4py import MPI
 
 from hpcbnn.data import Loader, default_dataset
 from hpcbnn.errors import entry_point
-from hpcbnn.grid import ProcessGrid
+from hpcbnn.parallel.grid import ProcessGrid
 
 BATCH = 64
 CASES = {  # name: (Loader options, epochs)

@@ -11,11 +11,11 @@ import torch
 from sklearn.datasets import load_digits
 from torch import nn
 
-from hpcbnn.bayesianize import bayesianize
-from hpcbnn.collectives import make_collectives
+from hpcbnn.bnn.bayesianize import bayesianize
+from hpcbnn.parallel.collectives import make_collectives
 from hpcbnn.data import augmentation
-from hpcbnn.engine import Engine
-from hpcbnn.grid import ProcessGrid
+from hpcbnn.parallel.engine import Engine
+from hpcbnn.parallel.grid import ProcessGrid
 
 S, B, STEPS, SEED = 4, 8, 5, 7
 mode, k, backend, out = sys.argv[1], int(sys.argv[2]) or None, sys.argv[3], sys.argv[4]

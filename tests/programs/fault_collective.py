@@ -13,10 +13,10 @@ import sys
 
 import torch
 
-from hpcbnn.collectives import make_collectives
+from hpcbnn.parallel.collectives import make_collectives
 from hpcbnn.errors import UsageError, entry_point
-from hpcbnn.grid import ProcessGrid
-from hpcbnn.signals import StopRequest
+from hpcbnn.parallel.grid import ProcessGrid
+from hpcbnn.run.signals import StopRequest
 
 
 def fail(fault: str) -> None:

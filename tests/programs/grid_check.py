@@ -3,7 +3,7 @@
 import sys
 
 from hpcbnn.errors import entry_point
-from hpcbnn.grid import ProcessGrid
+from hpcbnn.parallel.grid import ProcessGrid
 
 
 @entry_point("grid_check")

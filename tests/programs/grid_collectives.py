@@ -5,8 +5,8 @@ import sys
 
 import torch
 
-from hpcbnn.collectives import make_collectives
-from hpcbnn.grid import ProcessGrid
+from hpcbnn.parallel.collectives import make_collectives
+from hpcbnn.parallel.grid import ProcessGrid
 
 mode, backend = sys.argv[1], sys.argv[2]
 sample_group = int(sys.argv[3]) or None

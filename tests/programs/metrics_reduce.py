@@ -6,7 +6,7 @@ import math
 import torch
 from mpi4py import MPI
 
-from hpcbnn import metrics
+from hpcbnn.uq import metrics
 
 comm = MPI.COMM_WORLD
 rank, size = comm.Get_rank(), comm.Get_size()

@@ -2,13 +2,14 @@
 
 Figures are built with matplotlib's object API and written through the Agg canvas, so no
 display and no global pyplot state are involved (safe on compute nodes and in threads).
-Inputs are the JSON-serialisable outputs of `hpcbnn.metrics` and of the benchmarks.
+Inputs are the JSON-serialisable outputs of `hpcbnn.uq.metrics` and of the benchmarks.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
@@ -31,17 +32,23 @@ def reliability_diagram(bin_stats: dict[str, Any], path: str | Path) -> Path:
 
     fig = Figure(figsize=(5, 6), layout="constrained")
     top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1))
-    top.bar(left, accuracy, width=width, align="edge", color="tab:blue", edgecolor="black",
-            label="accuracy")
-    top.bar(left, [c - a for c, a in zip(confidence, accuracy)], bottom=accuracy, width=width,
-            align="edge", color="tab:red", alpha=0.3, edgecolor="tab:red", hatch="//",
-            label="gap to confidence")
+    top.bar(left, accuracy, width=width, align="edge", color="tab:blue", edgecolor="black", label="accuracy")
+    top.bar(
+        left,
+        [c - a for c, a in zip(confidence, accuracy)],
+        bottom=accuracy,
+        width=width,
+        align="edge",
+        color="tab:red",
+        alpha=0.3,
+        edgecolor="tab:red",
+        hatch="//",
+        label="gap to confidence",
+    )
     top.plot([0, 1], [0, 1], "k--", label="perfect calibration")
-    top.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy",
-            title=f"Reliability (ECE = {bin_stats['ece']:.4f})")
+    top.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy", title=f"Reliability (ECE = {bin_stats['ece']:.4f})")
     top.legend(loc="upper left")
-    bottom.bar(edges[:-1], bin_stats["count"], width=width, align="edge", color="gray",
-               edgecolor="black")
+    bottom.bar(edges[:-1], bin_stats["count"], width=width, align="edge", color="gray", edgecolor="black")
     bottom.set(xlabel="confidence", ylabel="examples")
     return _save(fig, path)
 
@@ -57,12 +64,15 @@ def regression_calibration(cal_data: dict[str, Any], path: str | Path) -> Path:
     axes = fig.subplots(1, 2 if intervals else 1, squeeze=False)[0]
     curve = axes[0]
     curve.plot([0, 1], [0, 1], "k--", label="perfect calibration")
-    curve.plot(cal_data["nominal"], cal_data["observed"], "o-", color="tab:blue",
-               label="model")
-    curve.fill_between([0, 1], [0, 0], [0, 1], color="tab:red", alpha=0.08,
-                       label="overconfident")
-    curve.set(xlim=(0, 1), ylim=(0, 1), xlabel="nominal coverage of central interval",
-              ylabel="observed coverage", title="Regression calibration")
+    curve.plot(cal_data["nominal"], cal_data["observed"], "o-", color="tab:blue", label="model")
+    curve.fill_between([0, 1], [0, 0], [0, 1], color="tab:red", alpha=0.08, label="overconfident")
+    curve.set(
+        xlim=(0, 1),
+        ylim=(0, 1),
+        xlabel="nominal coverage of central interval",
+        ylabel="observed coverage",
+        title="Regression calibration",
+    )
     curve.legend(loc="upper left")
     if intervals:
         _intervals(axes[1], intervals)
@@ -92,22 +102,29 @@ def scaling_plot(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
         for mode in sorted({r["mode"] for r in of_kind}):
             series = sorted((r for r in of_kind if r["mode"] == mode), key=lambda r: r["ranks"])
             ranks = [r["ranks"] for r in series]
-            time_ax.plot(ranks, [r["step_time"] for r in series], "o-", color=colors[mode],
-                         label=mode)
+            time_ax.plot(ranks, [r["step_time"] for r in series], "o-", color=colors[mode], label=mode)
             comm = [r for r in series if r["comm_share"] > 0]  # a log axis cannot show "none"
-            time_ax.plot([r["ranks"] for r in comm],
-                         [r["step_time"] * r["comm_share"] for r in comm], "x--", color=colors[mode])
-            eff_ax.plot(ranks, [r["efficiency"] for r in series], "o-", color=colors[mode],
-                        label=mode)
+            time_ax.plot(
+                [r["ranks"] for r in comm], [r["step_time"] * r["comm_share"] for r in comm], "x--", color=colors[mode]
+            )
+            eff_ax.plot(ranks, [r["efficiency"] for r in series], "o-", color=colors[mode], label=mode)
         ranks = sorted({r["ranks"] for r in of_kind})
         time_ax.set(title=f"{kind} scaling", ylabel="time per step (s)", yscale="log")
-        time_ax.legend(handles=[*time_ax.get_legend_handles_labels()[0],
-                                Line2D([], [], color="gray", marker="o", label="whole step"),
-                                Line2D([], [], color="gray", marker="x", linestyle="--",
-                                       label="communication")], fontsize="small")
+        time_ax.legend(
+            handles=[
+                *time_ax.get_legend_handles_labels()[0],
+                Line2D([], [], color="gray", marker="o", label="whole step"),
+                Line2D([], [], color="gray", marker="x", linestyle="--", label="communication"),
+            ],
+            fontsize="small",
+        )
         eff_ax.axhline(1.0, color="black", linestyle="--", label="ideal")
-        eff_ax.set(xlabel="ranks", ylabel="parallel efficiency", xscale="log",
-                   ylim=(0, max(1.1, max(r["efficiency"] for r in of_kind) * 1.05)))
+        eff_ax.set(
+            xlabel="ranks",
+            ylabel="parallel efficiency",
+            xscale="log",
+            ylim=(0, max(1.1, max(r["efficiency"] for r in of_kind) * 1.05)),
+        )
         eff_ax.set_xticks(ranks, [str(n) for n in ranks])
         eff_ax.minorticks_off()
         eff_ax.legend(loc="lower left", fontsize="small")
@@ -116,8 +133,7 @@ def scaling_plot(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
 
 def _intervals(ax: Axes, iv: dict[str, Any]) -> None:
     index = range(len(iv["mean"]))
-    ax.fill_between(index, iv["lower"], iv["upper"], color="tab:blue", alpha=0.25,
-                    label=f"{iv['level']:.0%} interval")
+    ax.fill_between(index, iv["lower"], iv["upper"], color="tab:blue", alpha=0.25, label=f"{iv['level']:.0%} interval")
     ax.plot(index, iv["mean"], color="tab:blue", label="predictive mean")
     ax.plot(index, iv["target"], "k.", markersize=4, label="target")
     ax.set(xlabel="test example", ylabel="value", title="Predictions on the first test examples")

@@ -4,17 +4,18 @@ A `RandomVariable` behaves like its value wherever a tensor is expected (arithme
 indexing, `torch.*` functions, attributes such as `shape`, `dtype`, `device`), so a model
 is written as ordinary tensor code; results of such operations are plain tensors. The
 constructors below (`Normal(loc, scale, name="w")`, ...) are `traceable`, which is what
-lets `tape`, `condition` and `log_joint` (hpcbnn.tracing) see and rewrite a program.
+lets `tape`, `condition` and `log_joint` (hpcbnn.ppl.tracing) see and rewrite a program.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import distributions as D
 
-from hpcbnn.tracing import traceable
+from hpcbnn.ppl.tracing import traceable
 
 
 def _unwrap(obj: Any) -> Any:
@@ -30,8 +31,9 @@ def _unwrap(obj: Any) -> Any:
 class RandomVariable:
     """A distribution and its value: sampled (reparameterised when possible) unless given."""
 
-    def __init__(self, distribution: D.Distribution, sample_shape: Sequence[int] = (),
-                 value: Any = None, name: str | None = None) -> None:
+    def __init__(
+        self, distribution: D.Distribution, sample_shape: Sequence[int] = (), value: Any = None, name: str | None = None
+    ) -> None:
         self.distribution = distribution
         self.sample_shape = torch.Size(sample_shape)
         self.name = name
@@ -41,8 +43,9 @@ class RandomVariable:
         self.value: torch.Tensor = torch.as_tensor(_unwrap(value))
 
     @classmethod
-    def __torch_function__(cls, func: Callable[..., Any], types: Any, args: tuple = (),
-                           kwargs: dict | None = None) -> Any:
+    def __torch_function__(
+        cls, func: Callable[..., Any], types: Any, args: tuple = (), kwargs: dict | None = None
+    ) -> Any:
         return func(*_unwrap(args), **_unwrap(kwargs or {}))
 
     def __getattr__(self, attr: str) -> Any:
@@ -69,28 +72,33 @@ def _forward(op: str) -> Callable[..., Any]:
     return method
 
 
-for _op in ("add radd sub rsub mul rmul truediv rtruediv floordiv rfloordiv mod rmod pow rpow "
-            "matmul rmatmul and rand or ror xor rxor neg pos abs invert lt le gt ge eq ne "
-            "getitem len iter float int bool index array").split():
+for _op in (
+    "add radd sub rsub mul rmul truediv rtruediv floordiv rfloordiv mod rmod pow rpow "
+    "matmul rmatmul and rand or ror xor rxor neg pos abs invert lt le gt ge eq ne "
+    "getitem len iter float int bool index array"
+).split():
     setattr(RandomVariable, f"__{_op}__", _forward(f"__{_op}__"))
 
 
 @traceable
-def random_variable(distribution: D.Distribution, *, sample_shape: Sequence[int] = (),
-                    value: Any = None, name: str | None = None) -> RandomVariable:
+def random_variable(
+    distribution: D.Distribution, *, sample_shape: Sequence[int] = (), value: Any = None, name: str | None = None
+) -> RandomVariable:
     """Wrap any torch distribution (e.g. `Independent`, a transformed one) as a traceable variable."""
     return RandomVariable(distribution, sample_shape, value, name)
 
 
-
 def _constructor(dist: type[D.Distribution]) -> Callable[..., RandomVariable]:
-    def make(*args: Any, sample_shape: Sequence[int] = (), value: Any = None,
-             name: str | None = None, **kwargs: Any) -> RandomVariable:
+    def make(
+        *args: Any, sample_shape: Sequence[int] = (), value: Any = None, name: str | None = None, **kwargs: Any
+    ) -> RandomVariable:
         return RandomVariable(dist(*args, **kwargs), sample_shape, value, name)
 
     make.__name__ = make.__qualname__ = dist.__name__
-    make.__doc__ = (f"A random variable with a `torch.distributions.{dist.__name__}`; arguments as "
-                    f"there, plus `sample_shape`, `value` and `name`.")
+    make.__doc__ = (
+        f"A random variable with a `torch.distributions.{dist.__name__}`; arguments as "
+        f"there, plus `sample_shape`, `value` and `name`."
+    )
     return traceable(make)
 
 

@@ -7,18 +7,27 @@ Bayesian one centred on it), and every BatchNorm keeps its statistics per sample
 
 from __future__ import annotations
 
-from typing import Any, Callable, Union
+from collections.abc import Callable
+from typing import Any, Union
 
 from torch import nn
 
+from hpcbnn.bnn.layers import (
+    SAMPLE_BATCH_NORM,
+    BayesianConv1d,
+    BayesianConv2d,
+    BayesianLinear,
+    BayesianMultiheadAttention,
+)
+from hpcbnn.bnn.noise import assign_noise_keys
 from hpcbnn.errors import UsageError
-from hpcbnn.layers import (SAMPLE_BATCH_NORM, BayesianConv1d, BayesianConv2d, BayesianLinear,
-                           BayesianMultiheadAttention)
-from hpcbnn.noise import assign_noise_keys
 
 CONVERSIONS: dict[type[nn.Module], Any] = {
-    nn.MultiheadAttention: BayesianMultiheadAttention, nn.Linear: BayesianLinear,
-    nn.Conv1d: BayesianConv1d, nn.Conv2d: BayesianConv2d}
+    nn.MultiheadAttention: BayesianMultiheadAttention,
+    nn.Linear: BayesianLinear,
+    nn.Conv1d: BayesianConv1d,
+    nn.Conv2d: BayesianConv2d,
+}
 
 Selection = Union[str, int, Callable[[str, nn.Module], bool]]
 
@@ -45,16 +54,24 @@ def _select(found: list[tuple[str, nn.Module]], layers: Selection) -> list[tuple
         return found
     if isinstance(layers, int) and not isinstance(layers, bool):
         if not 1 <= layers <= len(found):
-            raise UsageError(f"bayesian layers {layers}: the model has {len(found)} Bayesian-capable layers; "
-                             f"choose 1..{len(found)} or 'all'")
+            raise UsageError(
+                f"bayesian layers {layers}: the model has {len(found)} Bayesian-capable layers; "
+                f"choose 1..{len(found)} or 'all'"
+            )
         return found[-layers:]
     if callable(layers):
         return [(n, m) for n, m in found if layers(n, m)]
     raise UsageError(f"bayesian layers {layers!r}: give 'all', a number of last layers, or a predicate")
 
 
-def bayesianize(model: nn.Module, *, layers: Selection = "all", prior_scale: float = 1.0, init_std: float = 1e-3,
-                estimator: str = "reparam") -> nn.Module:
+def bayesianize(
+    model: nn.Module,
+    *,
+    layers: Selection = "all",
+    prior_scale: float = 1.0,
+    init_std: float = 1e-3,
+    estimator: str = "reparam",
+) -> nn.Module:
     """Make the selected layers of `model` Bayesian and return the model.
 
     `layers`: "all", n (the last n Bayesian-capable layers, nearest the output), or a

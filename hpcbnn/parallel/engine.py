@@ -11,18 +11,18 @@ equals the single-process update with S samples and B examples, whatever the gri
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
-from hpcbnn.collectives import Collectives
+from hpcbnn.bnn.layers import kl_divergence
+from hpcbnn.bnn.noise import generator_seed, sampling
+from hpcbnn.bnn.objectives import categorical_loglik, elbo_loss, gaussian_loglik, predictive_loss
 from hpcbnn.errors import UsageError
-from hpcbnn.grid import ProcessGrid
-from hpcbnn.layers import kl_divergence
-from hpcbnn.noise import generator_seed, sampling
-from hpcbnn.objectives import categorical_loglik, elbo_loss, gaussian_loglik, predictive_loss
+from hpcbnn.parallel.collectives import Collectives
+from hpcbnn.parallel.grid import ProcessGrid
 
 OBJECTIVES = {"elbo": elbo_loss, "predictive": predictive_loss}
 LIKELIHOODS = {"categorical": categorical_loglik, "gaussian": gaussian_loglik}
@@ -43,13 +43,31 @@ class StepResult:
 
 
 class Engine:
-    """Owns the step: inputs per sample -> model -> objective -> gradient reduction -> optimizer."""
+    """Owns the step: inputs per sample -> model -> objective -> gradient reduction -> optimizer.
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, grid: ProcessGrid,
-                 comm: Collectives, *, samples: int, batch_size: int, n_train: int, seed: int,
-                 objective: str = "elbo", likelihood: str = "categorical", kl_weight: float = 1.0,
-                 augment: Augment | None = None, augment_mode: str = "per-sample",
-                 hierarchical: bool = False, clip_grad: float | None = None, amp: bool = False) -> None:
+    Without an optimizer (`optimizer=None`) it only predicts: evaluation needs no update rule.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        grid: ProcessGrid,
+        comm: Collectives,
+        *,
+        samples: int,
+        batch_size: int,
+        n_train: int,
+        seed: int,
+        objective: str = "elbo",
+        likelihood: str = "categorical",
+        kl_weight: float = 1.0,
+        augment: Augment | None = None,
+        augment_mode: str = "per-sample",
+        hierarchical: bool = False,
+        clip_grad: float | None = None,
+        amp: bool = False,
+    ) -> None:
         grid.check(samples, batch_size)
         if objective not in OBJECTIVES:
             raise UsageError(f"unknown objective {objective!r}: choose one of {', '.join(OBJECTIVES)}")
@@ -65,7 +83,8 @@ class Engine:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.dtype = self.params[0].dtype
         comm.broadcast_(model.state_dict().values())
-        comm.broadcast_(t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))
+        if optimizer is not None:
+            comm.broadcast_(t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))
 
     def inputs(self, x: Tensor, rows: slice, step: int) -> Tensor:
         """The [k*B_local, ...] sample-major input: one (augmented) copy per local sample."""
@@ -85,16 +104,26 @@ class Engine:
     def loss(self, x: Tensor, y: Tensor, rows: slice, step: int) -> tuple[Tensor, Tensor, Tensor]:
         """This rank's share of the objective, and its expected-NLL and KL parts."""
         k, b, x = len(self.local), x.shape[0], x.to(self.dtype)
-        with sampling(self.seed, step, self.local, rows, self.batch_size), \
-                torch.autocast(self.grid.device.type, torch.bfloat16, enabled=self.amp):
+        with (
+            sampling(self.seed, step, self.local, rows, self.batch_size),
+            torch.autocast(self.grid.device.type, torch.bfloat16, enabled=self.amp),
+        ):
             out = self.model(self.inputs(x, rows, step))
         loglik = self.loglik(out.to(self.dtype).view(k, b, *out.shape[1:]), y)
         kl = kl_divergence(self.model)
-        loss = self.objective(loglik, kl, self.n_train, self.kl_weight, num_samples=self.samples,
-                              gather=lambda t: self.comm.allgather(t, "sample"))
+        loss = self.objective(
+            loglik,
+            kl,
+            self.n_train,
+            self.kl_weight,
+            num_samples=self.samples,
+            gather=lambda t: self.comm.allgather(t, "sample"),
+        )
         return loss, -loglik.mean(), kl
 
     def step(self, x: Tensor, y: Tensor, rows: slice, step: int) -> StepResult:
+        if self.optimizer is None:
+            raise TypeError("Engine.step needs an optimizer: this engine was built to predict only")
         start = time.perf_counter()
         loss, nll, kl = self.loss(x, y, rows, step)
         self.optimizer.zero_grad(set_to_none=True)

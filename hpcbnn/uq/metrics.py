@@ -38,8 +38,7 @@ def classification_sums(probs: Tensor, y: Tensor, bins: int = 15) -> Sums:
     right-closed (lo, hi] with the first one [0, 1/bins].
     """
     if probs.dim() != 3 or y.shape != probs.shape[1:2]:
-        raise ValueError(f"expected probs [S, N, C] and y [N], got {tuple(probs.shape)} "
-                         f"and {tuple(y.shape)}")
+        raise ValueError(f"expected probs [S, N, C] and y [N], got {tuple(probs.shape)} and {tuple(y.shape)}")
     if bins < 1:
         raise ValueError(f"bins must be >= 1, got {bins}")
     p = probs.to(_F64)
@@ -75,10 +74,8 @@ def finalize_classification(sums: Sums) -> dict[str, Any]:
     prediction and weights (the epistemic part) is entropy minus expected entropy.
     """
     n = _total(sums, "count")
-    value = {key: float(sums[key]) / n
-             for key in ("correct", "nll", "brier", "entropy", "expected_entropy")}
-    count, confidence, correct = (sums[k].double().cpu() for k in
-                                  ("bin_count", "bin_confidence", "bin_correct"))
+    value = {key: float(sums[key]) / n for key in ("correct", "nll", "brier", "entropy", "expected_entropy")}
+    count, confidence, correct = (sums[k].double().cpu() for k in ("bin_count", "bin_confidence", "bin_correct"))
     bins = count.numel()
     ece = float((correct - confidence).abs().sum()) / n
     filled = count > 0
@@ -113,8 +110,10 @@ def regression_sums(mean: Tensor, std: Tensor, y: Tensor) -> Sums:
     CRPS is the exact closed form for the S-component mixture (Grimit et al. 2006).
     """
     if mean.dim() != 3 or std.shape != mean.shape or y.shape != mean.shape[1:]:
-        raise ValueError(f"expected mean, std [S, N, d] and y [N, d], got {tuple(mean.shape)}, "
-                         f"{tuple(std.shape)} and {tuple(y.shape)}")
+        raise ValueError(
+            f"expected mean, std [S, N, d] and y [N, d], got {tuple(mean.shape)}, "
+            f"{tuple(std.shape)} and {tuple(y.shape)}"
+        )
     if not bool((std > 0).all()):
         raise ValueError("predictive std must be positive everywhere")
     m, s, y = mean.to(_F64), std.to(_F64), y.to(_F64)
@@ -144,18 +143,19 @@ def finalize_regression(sums: Sums, levels: tuple[float, ...] = COVERAGE_LEVELS)
         "nll": float(sums["nll"]) / _total(sums, "examples"),
         "crps": float(sums["crps"]) / elements,
         "coverage": {f"{a:g}": _coverage(pit, a, elements) for a in levels},
-        "calibration": {"nominal": list(CURVE_LEVELS),
-                        "observed": [_coverage(pit, a, elements) for a in CURVE_LEVELS]},
+        "calibration": {"nominal": list(CURVE_LEVELS), "observed": [_coverage(pit, a, elements) for a in CURVE_LEVELS]},
     }
 
 
-def regression_metrics(mean: Tensor, std: Tensor, y: Tensor,
-                       levels: tuple[float, ...] = COVERAGE_LEVELS) -> dict[str, Any]:
+def regression_metrics(
+    mean: Tensor, std: Tensor, y: Tensor, levels: tuple[float, ...] = COVERAGE_LEVELS
+) -> dict[str, Any]:
     return finalize_regression(regression_sums(mean, std, y), levels)
 
 
-def prediction_intervals(mean: Tensor, std: Tensor, y: Tensor, level: float = 0.9,
-                         limit: int = 100, output: int = 0) -> dict[str, Any]:
+def prediction_intervals(
+    mean: Tensor, std: Tensor, y: Tensor, level: float = 0.9, limit: int = 100, output: int = 0
+) -> dict[str, Any]:
     """Mixture mean and central `level` interval of one output for the first `limit` examples.
 
     Not additive: meant for the picture (`plots.regression_calibration`), from one shard.
@@ -163,8 +163,13 @@ def prediction_intervals(mean: Tensor, std: Tensor, y: Tensor, level: float = 0.
     """
     m, s = mean[:, :limit, output].to(_F64), std[:, :limit, output].to(_F64)
     lower, upper = (_mixture_quantile(m, s, q) for q in ((1 - level) / 2, (1 + level) / 2))
-    return {"level": level, "mean": m.mean(0).tolist(), "lower": lower.tolist(),
-            "upper": upper.tolist(), "target": y[:limit, output].to(_F64).tolist()}
+    return {
+        "level": level,
+        "mean": m.mean(0).tolist(),
+        "lower": lower.tolist(),
+        "upper": upper.tolist(),
+        "target": y[:limit, output].to(_F64).tolist(),
+    }
 
 
 def allreduce_sums(sums: Sums, comm: Any) -> Sums:
@@ -197,17 +202,15 @@ def _coverage(pit_hist: Tensor, level: float, elements: float) -> float:
     edge = (1 - level) / 2 * PIT_BINS
     lo = round(edge)
     if not 0 <= level <= 1 or abs(edge - lo) > 1e-6:
-        raise ValueError(f"coverage level {level} must lie in [0, 1] on a grid of "
-                         f"{2 / PIT_BINS:g}")
-    return float(pit_hist[lo:PIT_BINS - lo].sum()) / elements
+        raise ValueError(f"coverage level {level} must lie in [0, 1] on a grid of {2 / PIT_BINS:g}")
+    return float(pit_hist[lo : PIT_BINS - lo].sum()) / elements
 
 
 def _abs_moment(mu: Tensor, var: Tensor) -> Tensor:
     """E|X| for X ~ N(mu, var)."""
     sd = var.sqrt()
     z = mu / sd
-    return sd * math.sqrt(2 / math.pi) * torch.exp(-0.5 * z.square()) + mu * torch.erf(
-        z / math.sqrt(2))
+    return sd * math.sqrt(2 / math.pi) * torch.exp(-0.5 * z.square()) + mu * torch.erf(z / math.sqrt(2))
 
 
 def _mixture_crps(m: Tensor, s: Tensor, y: Tensor) -> Tensor:
@@ -221,8 +224,9 @@ def _mixture_crps(m: Tensor, s: Tensor, y: Tensor) -> Tensor:
     near = _abs_moment(y - m, var).mean(0)
     i, j = torch.triu_indices(samples, samples, 1, device=m.device)
     chunk = max(1, _PAIR_BUDGET // max(1, len(i) * d))
-    pairs = torch.cat([_abs_moment(mc[i] - mc[j], vc[i] + vc[j]).sum(0)
-                       for mc, vc in zip(m.split(chunk, 1), var.split(chunk, 1))])
+    pairs = torch.cat(
+        [_abs_moment(mc[i] - mc[j], vc[i] + vc[j]).sum(0) for mc, vc in zip(m.split(chunk, 1), var.split(chunk, 1))]
+    )
     spread = (2 * pairs + 2 / math.sqrt(math.pi) * s.sum(0)) / samples**2
     return near - 0.5 * spread
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from hpcbnn.bayesianize import bayesianize
-from hpcbnn.config import Config
+from hpcbnn.bnn.bayesianize import bayesianize
+from hpcbnn.bnn.models import build_model
 from hpcbnn.data import DatasetInfo
 from hpcbnn.errors import UsageError
-from hpcbnn.models import build_model
+from hpcbnn.run.config import Config
 
 
 def build_network(cfg: Config, info: DatasetInfo) -> nn.Module:
@@ -21,6 +21,8 @@ def build_network(cfg: Config, info: DatasetInfo) -> nn.Module:
             model.load_state_dict(torch.load(cfg.pretrained, map_location="cpu", weights_only=True))
         except (OSError, RuntimeError) as exc:
             first = str(exc).strip().splitlines()[0]
-            raise UsageError(f"--pretrained {cfg.pretrained}: cannot load it into --model {cfg.model}: {first}")
+            raise UsageError(
+                f"--pretrained {cfg.pretrained}: cannot load it into --model {cfg.model}: {first}"
+            ) from None
     bayesianize(model, layers=cfg.bayesian_layers, prior_scale=cfg.prior_scale, estimator=cfg.estimator)
     return model.to(getattr(torch, cfg.dtype))

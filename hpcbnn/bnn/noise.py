@@ -23,10 +23,10 @@ import itertools
 import struct
 import threading
 import zlib
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -64,13 +64,16 @@ class Sampling:
         """(global batch, this rank's rows) for an input of `rows` = k*B_local rows."""
         k = len(self.samples)
         if rows % k:
-            raise UsageError(f"input has {rows} rows, not a multiple of the {k} samples in sampling(); "
-                             f"stack the batch once per sample (sample-major)")
+            raise UsageError(
+                f"input has {rows} rows, not a multiple of the {k} samples in sampling(); "
+                f"stack the batch once per sample (sample-major)"
+            )
         b = rows // k
         batch = self.batch or slice(0, b)
         if batch.stop - batch.start != b:
-            raise UsageError(f"sampling(batch={batch}) names {batch.stop - batch.start} rows but the "
-                             f"input has {b} per sample")
+            raise UsageError(
+                f"sampling(batch={batch}) names {batch.stop - batch.start} rows but the input has {b} per sample"
+            )
         return self.global_batch or b, batch
 
 
@@ -88,8 +91,9 @@ def current() -> Sampling | None:
 
 
 @contextmanager
-def sampling(seed: int, step: int, samples: Sequence[int], batch: slice | None = None,
-             global_batch: int | None = None) -> Iterator[Sampling]:
+def sampling(
+    seed: int, step: int, samples: Sequence[int], batch: slice | None = None, global_batch: int | None = None
+) -> Iterator[Sampling]:
     """Evaluate the global Monte-Carlo `samples` of step `step` in the forward passes inside."""
     if not len(samples):
         raise UsageError("sampling() needs at least one sample index")
@@ -122,8 +126,9 @@ def _parallel(fill: Callable[[int], object], k: int, numel: int, device: torch.d
     list(pool.map(fill, range(k)))
 
 
-def _draw(out: torch.Tensor, ctx: Sampling, key: int, stream: int,
-          sample: Callable[[torch.Tensor, torch.Generator], object]) -> None:
+def _draw(
+    out: torch.Tensor, ctx: Sampling, key: int, stream: int, sample: Callable[[torch.Tensor, torch.Generator], object]
+) -> None:
     per = out[0].numel()
 
     def fill(j: int) -> None:
@@ -133,8 +138,9 @@ def _draw(out: torch.Tensor, ctx: Sampling, key: int, stream: int,
     _parallel(fill, out.shape[0], per, out.device)
 
 
-def weight_noise(key: int, shape: Sequence[int], dtype: torch.dtype, device: torch.device,
-                 reuse: torch.Tensor | None = None) -> torch.Tensor:
+def weight_noise(
+    key: int, shape: Sequence[int], dtype: torch.dtype, device: torch.device, reuse: torch.Tensor | None = None
+) -> torch.Tensor:
     """Standard normal noise [k, *shape] for the k samples of the context (k = 1 from the global RNG outside).
 
     `reuse`, a tensor from an earlier call, is refilled in place when its shape, dtype and
@@ -151,12 +157,14 @@ def weight_noise(key: int, shape: Sequence[int], dtype: torch.dtype, device: tor
     return out
 
 
-def example_noise(key: int, rows: int, shape: Sequence[int], dtype: torch.dtype, device: torch.device,
-                  kind: str = "normal") -> torch.Tensor:
+def example_noise(
+    key: int, rows: int, shape: Sequence[int], dtype: torch.dtype, device: torch.device, kind: str = "normal"
+) -> torch.Tensor:
     """Per-example noise [rows, *shape] for a sample-major input of `rows` = k*B_local rows.
 
     `kind` is "normal" or "sign" (+-1). Drawn for the global batch, the rank's rows taken.
     """
+
     def sample(t: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
         if kind == "normal":
             return t.normal_(generator=gen)
@@ -170,4 +178,3 @@ def example_noise(key: int, rows: int, shape: Sequence[int], dtype: torch.dtype,
     full = torch.empty(k, global_batch, *shape, dtype=dtype, device=device)
     _draw(full, ctx, key, EXAMPLES, sample)
     return full[:, batch].reshape(rows, *shape)
-

@@ -19,10 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from hpcbnn.checkpoint import latest_checkpoint, load_checkpoint, model_fingerprint, save_checkpoint
-from hpcbnn.config import Config, save_config
 from hpcbnn.errors import UsageError
-from hpcbnn.grid import ProcessGrid
+from hpcbnn.parallel.grid import ProcessGrid
+from hpcbnn.run.checkpoint import latest_checkpoint, load_checkpoint, model_fingerprint, save_checkpoint
+from hpcbnn.run.config import Config, save_config
 
 
 class RunDir:
@@ -31,8 +31,10 @@ class RunDir:
         name = cfg.run_dir or (f"runs/{time.strftime('%Y%m%d-%H%M%S')}" if grid.is_root else None)
         self.path = Path(grid.world.bcast(name, root=0)).resolve()
         if not cfg.resume and latest_checkpoint(self.path):
-            raise UsageError(f"{self.path} already holds checkpoints: pass --resume true to continue "
-                             f"that run, or choose a new --run_dir")
+            raise UsageError(
+                f"{self.path} already holds checkpoints: pass --resume true to continue "
+                f"that run, or choose a new --run_dir"
+            )
         if grid.is_root:
             self.path.mkdir(parents=True, exist_ok=True)
         grid.world.Barrier()

@@ -17,8 +17,9 @@ import io
 import os
 import re
 import struct
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, BinaryIO, Mapping
+from typing import Any, BinaryIO
 
 import torch
 
@@ -58,8 +59,7 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], keep:
         leftover.unlink(missing_ok=True)
     final = directory / f"step-{step:06d}.pt"
     temporary = directory / f".{final.name}.{os.getpid()}.tmp"
-    content = {"format": FORMAT, "step": step, "fingerprint": state_fingerprint(state["model"]),
-               "state": state}
+    content = {"format": FORMAT, "step": step, "fingerprint": state_fingerprint(state["model"]), "state": state}
     with open(temporary, "wb") as file:
         writer = _HashingWriter(file)
         torch.save(content, writer)
@@ -80,31 +80,32 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(path: str | Path, expected_fingerprint: str,
-                    map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_checkpoint(
+    path: str | Path, expected_fingerprint: str, map_location: str | torch.device = "cpu"
+) -> dict[str, Any]:
     """The state saved in `path`, after checking it is whole, ours, and of this model."""
     path = Path(path)
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise UsageError(f"cannot read checkpoint {path}: {exc.strerror}") from None
-    payload = memoryview(data)[:max(len(data) - _TRAILER.size, 0)]
-    magic, length, digest = (_TRAILER.unpack_from(data, len(payload))
-                             if len(data) >= _TRAILER.size else (b"", -1, b""))
+    payload = memoryview(data)[: max(len(data) - _TRAILER.size, 0)]
+    magic, length, digest = _TRAILER.unpack_from(data, len(payload)) if len(data) >= _TRAILER.size else (b"", -1, b"")
     if magic != _MAGIC or length != len(payload):
-        raise UsageError(f"checkpoint {path} is truncated or not an hpcbnn checkpoint "
-                         f"(no valid end marker); {_ADVICE}")
+        raise UsageError(f"checkpoint {path} is truncated or not an hpcbnn checkpoint (no valid end marker); {_ADVICE}")
     if hashlib.sha256(payload).digest() != digest:
         raise UsageError(f"checkpoint {path} is corrupt (checksum mismatch); {_ADVICE}")
     content = torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
     if content["format"] != FORMAT:
-        raise UsageError(f"checkpoint {path} has format {content['format']} but this hpcbnn "
-                         f"reads format {FORMAT}; {_ADVICE}")
+        raise UsageError(
+            f"checkpoint {path} has format {content['format']} but this hpcbnn reads format {FORMAT}; {_ADVICE}"
+        )
     if content["fingerprint"] != expected_fingerprint:
         raise UsageError(
             f"checkpoint {path} is of a different model (parameter names/shapes fingerprint "
             f"{content['fingerprint']}, this model {expected_fingerprint}); resume with the "
-            f"model options it was trained with, or {_ADVICE}")
+            f"model options it was trained with, or {_ADVICE}"
+        )
     return content["state"]
 
 
@@ -129,8 +130,7 @@ def _checkpoints(directory: Path) -> list[Path]:
     """Final checkpoint files in ascending step order."""
     if not directory.is_dir():
         return []
-    steps = [(int(match.group(1)), path) for path in directory.iterdir()
-             if (match := _NAME.fullmatch(path.name))]
+    steps = [(int(match.group(1)), path) for path in directory.iterdir() if (match := _NAME.fullmatch(path.name))]
     return [path for _, path in sorted(steps)]
 
 

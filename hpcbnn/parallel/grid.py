@@ -37,8 +37,7 @@ class GridShape:
         return self.data * self.sample
 
 
-def resolve_shape(mode: str, world_size: int, ranks_per_node: int,
-                  sample_group: int | None = None) -> GridShape:
+def resolve_shape(mode: str, world_size: int, ranks_per_node: int, sample_group: int | None = None) -> GridShape:
     """The grid a mode gives on `world_size` ranks; an impossible grid is a UsageError."""
     if mode not in MODES:
         raise UsageError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
@@ -52,15 +51,21 @@ def resolve_shape(mode: str, world_size: int, ranks_per_node: int,
         source = "--sample_group" if sample_group else "the ranks per node"
         raise UsageError(
             f"hybrid grid impossible: {world_size} ranks are not divisible into sample groups "
-            f"of K={k} ({source}); choose K dividing {world_size}")
+            f"of K={k} ({source}); choose K dividing {world_size}"
+        )
     return GridShape(data=world_size // k, sample=k)
 
 
 class ProcessGrid:
     """The MPI communicators of the grid, this rank's place in it, and its device."""
 
-    def __init__(self, mode: str = "sample", sample_group: int | None = None,
-                 comm: MPI.Comm | None = None, device: str | None = None) -> None:
+    def __init__(
+        self,
+        mode: str = "sample",
+        sample_group: int | None = None,
+        comm: MPI.Comm | None = None,
+        device: str | None = None,
+    ) -> None:
         self.world: MPI.Comm = comm or MPI.COMM_WORLD
         self.rank = self.world.Get_rank()
         self.size = self.world.Get_size()
@@ -99,11 +104,15 @@ class ProcessGrid:
         """Reject S and B that do not split evenly over the grid (never round silently)."""
         k, d = self.sample_size, self.data_size
         if samples % k:
-            raise UsageError(f"--samples {samples} is not divisible by the K={k} ranks of a sample "
-                             f"group ({self.mode} mode on {self.size} ranks); use a multiple of {k}")
+            raise UsageError(
+                f"--samples {samples} is not divisible by the K={k} ranks of a sample "
+                f"group ({self.mode} mode on {self.size} ranks); use a multiple of {k}"
+            )
         if batch_size % d:
-            raise UsageError(f"--batch_size {batch_size} is not divisible by the D={d} data groups "
-                             f"({self.mode} mode on {self.size} ranks); use a multiple of {d}")
+            raise UsageError(
+                f"--batch_size {batch_size} is not divisible by the D={d} data groups "
+                f"({self.mode} mode on {self.size} ranks); use a multiple of {d}"
+            )
 
     def local_samples(self, samples: int) -> range:
         """The global Monte-Carlo sample indices this rank evaluates."""
@@ -116,8 +125,10 @@ class ProcessGrid:
         return slice(self.data_rank * per, (self.data_rank + 1) * per)
 
     def describe(self) -> str:
-        return (f"{self.mode} mode: {self.size} ranks = D {self.data_size} data groups x "
-                f"K {self.sample_size} ranks per sample group, device {self.device}")
+        return (
+            f"{self.mode} mode: {self.size} ranks = D {self.data_size} data groups x "
+            f"K {self.sample_size} ranks per sample group, device {self.device}"
+        )
 
 
 def checked_device(name: str) -> torch.device:
@@ -132,8 +143,10 @@ def checked_device(name: str) -> torch.device:
     accelerator = torch.accelerator.current_accelerator(check_available=True)
     count = torch.accelerator.device_count() if accelerator and accelerator.type == device.type else 0
     if count <= (device.index or 0):
-        raise UsageError(f"--device {name} does not exist on {socket.gethostname()} (it has {count} "
-                         f"{device.type} devices); choose one of them, cpu, or leave --device unset")
+        raise UsageError(
+            f"--device {name} does not exist on {socket.gethostname()} (it has {count} "
+            f"{device.type} devices); choose one of them, cpu, or leave --device unset"
+        )
     return device
 
 

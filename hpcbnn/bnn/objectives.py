@@ -16,7 +16,7 @@ samples on the B local examples. The engine averages gradients (mean) over all r
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -46,8 +46,14 @@ def gaussian_loglik(out: Tensor, y: Tensor) -> Tensor:
     return (-0.5 * z.square() - scale.log() - 0.5 * math.log(2 * math.pi)).sum(-1)
 
 
-def elbo_loss(loglik: Tensor, kl: Tensor, n_train: int, kl_weight: float = 1.0, num_samples: int | None = None,
-              gather: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+def elbo_loss(
+    loglik: Tensor,
+    kl: Tensor,
+    n_train: int,
+    kl_weight: float = 1.0,
+    num_samples: int | None = None,
+    gather: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
     """The negative ELBO per example, local part: -mean(loglik) + kl_weight * kl / n_train.
 
     `num_samples` and `gather` are unused (the ELBO is linear in the samples); they make
@@ -56,9 +62,14 @@ def elbo_loss(loglik: Tensor, kl: Tensor, n_train: int, kl_weight: float = 1.0, 
     return -loglik.mean() + kl_weight * kl / n_train
 
 
-def predictive_loss(loglik: Tensor, kl: Tensor, n_train: int, kl_weight: float = 1.0,
-                    num_samples: int | None = None,
-                    gather: Callable[[Tensor], Tensor] = lambda t: t) -> Tensor:
+def predictive_loss(
+    loglik: Tensor,
+    kl: Tensor,
+    n_train: int,
+    kl_weight: float = 1.0,
+    num_samples: int | None = None,
+    gather: Callable[[Tensor], Tensor] = lambda t: t,
+) -> Tensor:
     """-mean_b log((1/S) sum_s p(y_b | w_s)) + kl_weight * kl / n_train over all S samples.
 
     `gather` concatenates [1, B] rows over the sample communicator into [K, B]; S defaults

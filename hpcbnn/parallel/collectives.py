@@ -1,7 +1,7 @@
 """Collectives over the grid's axes: one interface, two backends (Horovod, torch.distributed).
 
 Gradients are always *averaged* over the ranks they are reduced over. Every rank's loss is
-built so that this mean is the single-process gradient (see `hpcbnn.objectives`); the one
+built so that this mean is the single-process gradient (see `hpcbnn.bnn.objectives`); the one
 non-linear coupling between ranks, the gather of per-sample statistics over the sample
 communicator, is `allgather`, whose backward is the true adjoint (a *sum* over the axis)
 and therefore exact under that averaging. Horovod's own differentiable allgather averages
@@ -13,13 +13,13 @@ from __future__ import annotations
 import os
 import socket
 from abc import ABC, abstractmethod
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from mpi4py import MPI
 from torch import Tensor
 
-from hpcbnn.grid import Axis, ProcessGrid
+from hpcbnn.parallel.grid import Axis, ProcessGrid
 
 BACKENDS = ("horovod", "torch")
 
@@ -95,8 +95,9 @@ class HorovodCollectives(Collectives):
         self.hvd = hvd
         # A side of size 1 needs no collective, a side of size P is the global set: registering
         # either as its own process set is an error in Horovod.
-        own = {axis: hvd.ProcessSet(grid.comm(axis)) for axis in ("sample", "data")
-               if 1 < grid.axis_size(axis) < grid.size}
+        own = {
+            axis: hvd.ProcessSet(grid.comm(axis)) for axis in ("sample", "data") if 1 < grid.axis_size(axis) < grid.size
+        }
         hvd.init(comm=grid.world, process_sets=list(own.values()))
         self.sets = {axis: own.get(axis, hvd.global_process_set) for axis in ("sample", "data", "world")}
 
@@ -123,11 +124,18 @@ class TorchCollectives(Collectives):
         self.dist = dist
         backend = "nccl" if grid.device.type == "cuda" else "gloo"
         address = grid.world.bcast(_rendezvous_address() if grid.is_root else None, root=0)
-        dist.init_process_group(backend, init_method=f"tcp://{address}", rank=grid.rank,
-                                world_size=grid.size, device_id=grid.device if backend == "nccl" else None)
-        self.groups = {"world": dist.group.WORLD,
-                       "sample": self._own_group(grid.sample_comm),
-                       "data": self._own_group(grid.data_comm)}
+        dist.init_process_group(
+            backend,
+            init_method=f"tcp://{address}",
+            rank=grid.rank,
+            world_size=grid.size,
+            device_id=grid.device if backend == "nccl" else None,
+        )
+        self.groups = {
+            "world": dist.group.WORLD,
+            "sample": self._own_group(grid.sample_comm),
+            "data": self._own_group(grid.data_comm),
+        }
         grid.world.Barrier()  # nobody leaves while a peer still builds its groups through rank 0's store
 
     def _own_group(self, comm: MPI.Comm):  # type: ignore[no-untyped-def]
@@ -144,7 +152,7 @@ class TorchCollectives(Collectives):
             flat /= self.grid.axis_size(axis)
         offset = 0
         for t in tensors:
-            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
             offset += t.numel()
 
     def _broadcast_(self, tensors: list[Tensor], root: int) -> None:

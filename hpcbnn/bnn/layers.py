@@ -4,7 +4,7 @@ Each weight w has a posterior N(mu, sigma^2), sigma = softplus(rho) initialised 
 (`init_std`), so a fresh or converted network starts next to its deterministic
 counterpart; the prior is N(0, prior_scale^2) and the KL to it is closed-form.
 
-Inside `hpcbnn.noise.sampling(...)` an input has k*B rows, sample-major, and a layer
+Inside `hpcbnn.bnn.noise.sampling(...)` an input has k*B rows, sample-major, and a layer
 evaluates the k samples together: Linear with one batched matmul on [k, B*, in], Conv
 with one grouped convolution (the samples become groups). Estimators:
   reparam  w_s = mu + sigma * eps_s                   (default; k weight copies)
@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,8 +28,8 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from hpcbnn.bnn.noise import current, example_noise, next_key, weight_noise
 from hpcbnn.errors import UsageError
-from hpcbnn.noise import current, example_noise, next_key, weight_noise
 
 ESTIMATORS = ("reparam", "flipout", "local")
 
@@ -40,9 +41,17 @@ def inverse_softplus(y: float) -> float:
 class BayesianModule(nn.Module):
     """Posterior N(weight_mu, softplus(weight_rho)^2) per weight (and bias), prior N(0, prior_scale^2)."""
 
-    def __init__(self, weight_shape: Sequence[int], bias_size: int | None, *, prior_scale: float = 1.0,
-                 init_std: float = 1e-3, estimator: str = "reparam", dtype: torch.dtype | None = None,
-                 device: torch.device | str | None = None) -> None:
+    def __init__(
+        self,
+        weight_shape: Sequence[int],
+        bias_size: int | None,
+        *,
+        prior_scale: float = 1.0,
+        init_std: float = 1e-3,
+        estimator: str = "reparam",
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
         super().__init__()
         if estimator not in ESTIMATORS:
             raise UsageError(f"unknown estimator {estimator!r}: choose one of {', '.join(ESTIMATORS)}")
@@ -168,8 +177,10 @@ def _sample_major(t: Tensor, k: int) -> Tensor:
 
 def _check_rows(x: Tensor, k: int, layer: nn.Module) -> None:
     if x.shape[0] % k:
-        raise UsageError(f"{type(layer).__name__}: input has {x.shape[0]} rows, not a multiple of the {k} "
-                         f"samples being evaluated; stack the batch once per sample (sample-major)")
+        raise UsageError(
+            f"{type(layer).__name__}: input has {x.shape[0]} rows, not a multiple of the {k} "
+            f"samples being evaluated; stack the batch once per sample (sample-major)"
+        )
 
 
 class BayesianLinear(BayesianModule):
@@ -180,18 +191,19 @@ class BayesianLinear(BayesianModule):
         super().__init__((out_features, in_features), out_features if bias else None, **kw)
 
     @classmethod
-    def from_module(cls, m: nn.Linear, **kw: Any) -> "BayesianLinear":
-        layer = cls(m.in_features, m.out_features, m.bias is not None, dtype=m.weight.dtype,
-                    device=m.weight.device, **kw)
+    def from_module(cls, m: nn.Linear, **kw: Any) -> BayesianLinear:
+        layer = cls(
+            m.in_features, m.out_features, m.bias is not None, dtype=m.weight.dtype, device=m.weight.device, **kw
+        )
         layer.load_means(m.weight, m.bias)
         return layer
 
     @property
-    def weight(self) -> "SampledOperand":
+    def weight(self) -> SampledOperand:
         return SampledOperand(self, "weight")
 
     @property
-    def bias(self) -> "SampledOperand | None":
+    def bias(self) -> SampledOperand | None:
         return None if self.bias_mu is None else SampledOperand(self, "bias")
 
     def forward(self, x: Tensor) -> Tensor:
@@ -202,19 +214,29 @@ class BayesianLinear(BayesianModule):
         if self.estimator == "reparam":
             eps_w, eps_b = self.noise(reuse=True)
             x3 = x.reshape(k, -1, self.in_features)
-            y = _ReparamLinear.apply(x3, self.weight_mu, F.softplus(self.weight_rho), eps_w,
-                                     self.sample_bias(eps_b), self if torch.is_grad_enabled() else None)
+            y = _ReparamLinear.apply(
+                x3,
+                self.weight_mu,
+                F.softplus(self.weight_rho),
+                eps_w,
+                self.sample_bias(eps_b),
+                self if torch.is_grad_enabled() else None,
+            )
             return y.reshape(*x.shape[:-1], self.out_features)
         if self.estimator == "local":
             mean = F.linear(x, self.weight_mu, self.bias_mu)
-            var = F.linear(x.square(), F.softplus(self.weight_rho).square(),
-                           None if self.bias_rho is None else F.softplus(self.bias_rho).square())
+            var = F.linear(
+                x.square(),
+                F.softplus(self.weight_rho).square(),
+                None if self.bias_rho is None else F.softplus(self.bias_rho).square(),
+            )
             noise = example_noise(self.noise_key, x.shape[0], mean.shape[1:], mean.dtype, mean.device)
             return torch.addcmul(mean, var.clamp_min(torch.finfo(var.dtype).tiny).sqrt(), noise)
         dw, b = self.perturbation()
         ones = (1,) * (x.dim() - 2)
-        signs = example_noise(self.noise_key, x.shape[0], (*ones, self.in_features + self.out_features),
-                              x.dtype, x.device, kind="sign")
+        signs = example_noise(
+            self.noise_key, x.shape[0], (*ones, self.in_features + self.out_features), x.dtype, x.device, kind="sign"
+        )
         s_in, s_out = signs.split([self.in_features, self.out_features], dim=-1)
         out = torch.addcmul(F.linear(x, self.weight_mu), batched_linear(x * s_in, dw, None), s_out)
         return out if b is None else _add_sample_bias(out, b, channel_dim=-1)
@@ -250,8 +272,9 @@ class _ReparamLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, x3: Tensor, mu: Tensor, sigma: Tensor, eps: Tensor, bias: Tensor | None,
-                layer: BayesianModule | None) -> Tensor:
+    def forward(
+        ctx: Any, x3: Tensor, mu: Tensor, sigma: Tensor, eps: Tensor, bias: Tensor | None, layer: BayesianModule | None
+    ) -> Tensor:
         w = torch.addcmul(mu, sigma, eps, out=_workspace(eps))
         wt = w.transpose(1, 2)
         y = torch.bmm(x3, wt) if bias is None else torch.baddbmm(bias.unsqueeze(1), x3, wt)
@@ -295,7 +318,7 @@ def _workspace(like: Tensor) -> Tensor:
     buf = _work.buffers.get(key)
     if buf is None or buf.numel() < like.numel():
         buf = _work.buffers[key] = torch.empty(like.numel(), dtype=like.dtype, device=like.device)
-    return buf[:like.numel()].view(like.shape)
+    return buf[: like.numel()].view(like.shape)
 
 
 class SampledOperand:
@@ -309,8 +332,9 @@ class SampledOperand:
         self.dtype, self.device = layer.weight_mu.dtype, layer.weight_mu.device
 
     @classmethod
-    def __torch_function__(cls, func: Callable[..., Any], types: Any, args: tuple = (),
-                           kwargs: dict | None = None) -> Any:
+    def __torch_function__(
+        cls, func: Callable[..., Any], types: Any, args: tuple = (), kwargs: dict | None = None
+    ) -> Any:
         params = [*args, *(kwargs or {}).values()]
         if func is F.linear and len(params) in (2, 3) and isinstance(params[1], cls):
             x, w, *rest = params
@@ -319,8 +343,10 @@ class SampledOperand:
             if w.part == "weight" and (bias.layer if isinstance(bias, cls) else bias) is own_bias:
                 return w.layer(x)
         name = getattr(func, "__name__", str(func))
-        raise TypeError(f"{name} on the weights of a Bayesian layer: they are sampled per Monte-Carlo sample "
-                        f"and only F.linear(x, layer.weight, layer.bias) can use them")
+        raise TypeError(
+            f"{name} on the weights of a Bayesian layer: they are sampled per Monte-Carlo sample "
+            f"and only F.linear(x, layer.weight, layer.bias) can use them"
+        )
 
 
 class _BayesianConvNd(BayesianModule):
@@ -329,9 +355,19 @@ class _BayesianConvNd(BayesianModule):
     dims = 0
     _conv: Callable[..., Tensor]
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | Sequence[int], stride: Any = 1,
-                 padding: Any = 0, dilation: Any = 1, groups: int = 1, bias: bool = True,
-                 padding_mode: str = "zeros", **kw: Any) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | Sequence[int],
+        stride: Any = 1,
+        padding: Any = 0,
+        dilation: Any = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        **kw: Any,
+    ) -> None:
         if padding_mode != "zeros":
             raise UsageError(f"Bayesian convolution supports padding_mode='zeros' only, not {padding_mode!r}")
         ks = (kernel_size,) * self.dims if isinstance(kernel_size, int) else tuple(kernel_size)
@@ -340,9 +376,21 @@ class _BayesianConvNd(BayesianModule):
         super().__init__((out_channels, in_channels // groups, *ks), out_channels if bias else None, **kw)
 
     @classmethod
-    def from_module(cls, m: nn.Conv1d | nn.Conv2d, **kw: Any) -> "_BayesianConvNd":
-        layer = cls(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, m.groups,
-                    m.bias is not None, m.padding_mode, dtype=m.weight.dtype, device=m.weight.device, **kw)
+    def from_module(cls, m: nn.Conv1d | nn.Conv2d, **kw: Any) -> _BayesianConvNd:
+        layer = cls(
+            m.in_channels,
+            m.out_channels,
+            m.kernel_size,
+            m.stride,
+            m.padding,
+            m.dilation,
+            m.groups,
+            m.bias is not None,
+            m.padding_mode,
+            dtype=m.weight.dtype,
+            device=m.weight.device,
+            **kw,
+        )
         layer.load_means(m.weight, m.bias)
         return layer
 
@@ -355,8 +403,9 @@ class _BayesianConvNd(BayesianModule):
         if k == 1:
             return self.conv(x, w[0], None if b is None else b[0], self.groups)
         xs = _sample_major(x, k).transpose(0, 1).reshape(x.shape[0] // k, k * x.shape[1], *x.shape[2:])
-        y = self.conv(xs, w.reshape(k * w.shape[1], *w.shape[2:]), None if b is None else b.reshape(-1),
-                      k * self.groups)
+        y = self.conv(
+            xs, w.reshape(k * w.shape[1], *w.shape[2:]), None if b is None else b.reshape(-1), k * self.groups
+        )
         y = y.view(y.shape[0], k, self.out_channels, *y.shape[2:]).transpose(0, 1)
         return y.reshape(x.shape[0], self.out_channels, *y.shape[3:])
 
@@ -370,14 +419,19 @@ class _BayesianConvNd(BayesianModule):
             return self.grouped(x, w, b)
         if self.estimator == "local":
             mean = self.conv(x, self.weight_mu, self.bias_mu, self.groups)
-            var = self.conv(x.square(), F.softplus(self.weight_rho).square(),
-                            None if self.bias_rho is None else F.softplus(self.bias_rho).square(), self.groups)
+            var = self.conv(
+                x.square(),
+                F.softplus(self.weight_rho).square(),
+                None if self.bias_rho is None else F.softplus(self.bias_rho).square(),
+                self.groups,
+            )
             noise = example_noise(self.noise_key, x.shape[0], mean.shape[1:], mean.dtype, mean.device)
             return torch.addcmul(mean, var.clamp_min(torch.finfo(var.dtype).tiny).sqrt(), noise)
         dw, b = self.perturbation()
         ones = (1,) * self.dims
-        signs = example_noise(self.noise_key, x.shape[0], (self.in_channels + self.out_channels, *ones),
-                              x.dtype, x.device, kind="sign")
+        signs = example_noise(
+            self.noise_key, x.shape[0], (self.in_channels + self.out_channels, *ones), x.dtype, x.device, kind="sign"
+        )
         s_in, s_out = signs.split([self.in_channels, self.out_channels], dim=1)
         out = torch.addcmul(self.conv(x, self.weight_mu, None, self.groups), self.grouped(x * s_in, dw, None), s_out)
         return out if b is None else _add_sample_bias(out, b, channel_dim=2)
@@ -400,8 +454,15 @@ class BayesianMultiheadAttention(nn.Module):
     projects once; otherwise each of q, k, v goes through the packed projection.
     """
 
-    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
-                 batch_first: bool = False, **kw: Any) -> None:
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        dropout: float = 0.0,
+        bias: bool = True,
+        batch_first: bool = False,
+        **kw: Any,
+    ) -> None:
         super().__init__()
         if embed_dim % num_heads:
             raise UsageError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
@@ -414,20 +475,38 @@ class BayesianMultiheadAttention(nn.Module):
             nn.init.zeros_(self.out_proj.bias_mu)
 
     @classmethod
-    def from_module(cls, m: nn.MultiheadAttention, **kw: Any) -> "BayesianMultiheadAttention":
+    def from_module(cls, m: nn.MultiheadAttention, **kw: Any) -> BayesianMultiheadAttention:
         if not m._qkv_same_embed_dim or m.bias_k is not None or m.add_zero_attn:
-            raise UsageError("bayesianize: nn.MultiheadAttention with kdim/vdim, add_bias_kv or add_zero_attn "
-                             "is not supported; exclude it with layers=...")
+            raise UsageError(
+                "bayesianize: nn.MultiheadAttention with kdim/vdim, add_bias_kv or add_zero_attn "
+                "is not supported; exclude it with layers=..."
+            )
         w = m.in_proj_weight
-        layer = cls(m.embed_dim, m.num_heads, m.dropout, m.in_proj_bias is not None, m.batch_first,
-                    dtype=w.dtype, device=w.device, **kw)
+        layer = cls(
+            m.embed_dim,
+            m.num_heads,
+            m.dropout,
+            m.in_proj_bias is not None,
+            m.batch_first,
+            dtype=w.dtype,
+            device=w.device,
+            **kw,
+        )
         layer.in_proj.load_means(w, m.in_proj_bias)
         layer.out_proj.load_means(m.out_proj.weight, m.out_proj.bias)
         return layer
 
-    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
-                need_weights: bool = True, attn_mask: Tensor | None = None, average_attn_weights: bool = True,
-                is_causal: bool = False) -> tuple[Tensor, Tensor | None]:
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
         self_attention = query is key and key is value
         if not self.batch_first:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
@@ -435,7 +514,7 @@ class BayesianMultiheadAttention(nn.Module):
         if self_attention:
             q, k, v = self.in_proj(query).chunk(3, dim=-1)
         else:
-            q, k, v = (self.in_proj(t)[..., i * e:(i + 1) * e] for i, t in enumerate((query, key, value)))
+            q, k, v = (self.in_proj(t)[..., i * e : (i + 1) * e] for i, t in enumerate((query, key, value)))
         n, lq, ls = q.shape[0], q.shape[1], k.shape[1]
         q, k, v = (t.reshape(n, -1, h, e // h).transpose(1, 2) for t in (q, k, v))
         mask = _additive_mask(attn_mask, key_padding_mask, n, h, lq, ls, q.dtype)
@@ -446,21 +525,25 @@ class BayesianMultiheadAttention(nn.Module):
             if mask is not None:
                 scores = scores + mask
             elif is_causal:
-                scores = scores.masked_fill(torch.ones(lq, ls, dtype=torch.bool, device=q.device).triu(1),
-                                            float("-inf"))
+                scores = scores.masked_fill(
+                    torch.ones(lq, ls, dtype=torch.bool, device=q.device).triu(1), float("-inf")
+                )
             weights = scores.softmax(-1)
             out = F.dropout(weights, p, self.training) @ v
             weights = weights.mean(1) if average_attn_weights else weights
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p,
-                                                 is_causal=is_causal and mask is None)
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal and mask is None
+            )
         out = self.out_proj(out.transpose(1, 2).reshape(n, lq, e))
         return (out if self.batch_first else out.transpose(0, 1)), weights
 
 
-def _additive_mask(attn_mask: Tensor | None, key_padding_mask: Tensor | None, n: int, h: int, lq: int, ls: int,
-                   dtype: torch.dtype) -> Tensor | None:
+def _additive_mask(
+    attn_mask: Tensor | None, key_padding_mask: Tensor | None, n: int, h: int, lq: int, ls: int, dtype: torch.dtype
+) -> Tensor | None:
     """nn.MultiheadAttention's masks (bool: True = masked out; float: added) as one additive mask."""
+
     def additive(m: Tensor) -> Tensor:
         return torch.zeros_like(m, dtype=dtype).masked_fill(m, float("-inf")) if m.dtype == torch.bool else m.to(dtype)
 
@@ -517,7 +600,10 @@ class SampleBatchNorm3d(_SampleStats, nn.BatchNorm3d):
 
 
 SAMPLE_BATCH_NORM: dict[type[_BatchNorm], type[_BatchNorm]] = {
-    nn.BatchNorm1d: SampleBatchNorm1d, nn.BatchNorm2d: SampleBatchNorm2d, nn.BatchNorm3d: SampleBatchNorm3d}
+    nn.BatchNorm1d: SampleBatchNorm1d,
+    nn.BatchNorm2d: SampleBatchNorm2d,
+    nn.BatchNorm3d: SampleBatchNorm3d,
+}
 
 
 def kl_divergence(model: nn.Module) -> Tensor:

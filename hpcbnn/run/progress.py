@@ -18,8 +18,10 @@ class Progress:
         elapsed = time.perf_counter() - self.start
         width = 30
         done = int(width * step / max(self.total, 1))
-        line = (f"epoch {epoch} step {step}/{self.total} [{'#' * done}{'.' * (width - done)}] "
-                f"loss {loss:.4f} {elapsed:.0f}s")
+        line = (
+            f"epoch {epoch} step {step}/{self.total} [{'#' * done}{'.' * (width - done)}] "
+            f"loss {loss:.4f} {elapsed:.0f}s"
+        )
         if self.tty:
             print("\r" + line, end="", file=sys.stderr, flush=True)
         else:

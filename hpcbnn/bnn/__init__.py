@@ -1,0 +1,1 @@
+"""Bayesian networks: the sampling context, mean-field layers, `bayesianize`, objectives, models."""

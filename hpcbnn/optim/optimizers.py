@@ -1,0 +1,44 @@
+"""Which optimizer updates the posterior's parameters, and how its step size evolves."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import nn
+
+OptimizerName = Literal["adam", "adamw", "sgd"]
+ScheduleName = Literal["cosine", "constant"]
+
+
+def make_optimizer(
+    model: nn.Module, name: OptimizerName, lr: float, *, weight_decay: float = 0.0, momentum: float = 0.9
+) -> torch.optim.Optimizer:
+    """SGD with momentum, or (fused) Adam/AdamW over the trainable parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    kind = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
+    return kind(params, lr=lr, weight_decay=weight_decay, fused=True)  # one kernel, ~5x faster on CPU
+
+
+def make_schedule(
+    optimizer: torch.optim.Optimizer,
+    total: int,
+    per_epoch: int,
+    *,
+    warmup_epochs: float = 1.0,
+    schedule: ScheduleName = "cosine",
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over `warmup_epochs`, then cosine decay to zero over `total` steps (or constant)."""
+    warmup = max(1, int(warmup_epochs * per_epoch))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

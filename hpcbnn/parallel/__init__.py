@@ -1,0 +1,1 @@
+"""The process grid, its collectives, and the training step and predictive evaluated on it."""

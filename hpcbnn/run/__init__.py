@@ -1,0 +1,1 @@
+"""A training run: configuration, run directory, checkpoints, signals, progress, the two commands."""

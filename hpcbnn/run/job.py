@@ -1,0 +1,57 @@
+"""The set-up every command on the grid shares: grid, collectives, data file, network."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from hpcbnn.data import DatasetInfo, Loader, default_dataset
+from hpcbnn.parallel.collectives import Collectives, make_collectives
+from hpcbnn.parallel.grid import ProcessGrid
+from hpcbnn.run.config import Config
+from hpcbnn.run.network import build_network
+
+
+@dataclass
+class Job:
+    """What a command on the grid works with, built in the one order that fails early."""
+
+    cfg: Config
+    grid: ProcessGrid
+    comm: Collectives
+    data: Path
+
+    @classmethod
+    def start(
+        cls,
+        cfg: Config,
+        samples: Sequence[int],
+        *,
+        mode: str | None = None,
+        sample_group: int | None = None,
+        backend: str | None = None,
+    ) -> Job:
+        """The grid (checked against every sample count in `samples`), its collectives, the data file."""
+        grid = ProcessGrid(mode or cfg.mode, sample_group if mode else cfg.sample_group, device=cfg.device)
+        for s in samples:
+            grid.check(s, cfg.batch_size)
+        comm = make_collectives(grid, backend or cfg.backend)
+        data = Path(cfg.data) if cfg.data else default_dataset(grid.world)
+        return cls(cfg, grid, comm, data)
+
+    def loader(self, split: str, **kw: Any) -> Loader:
+        """This rank's view of `split`; evaluation splits are read in order and to the last example."""
+        if split != "train":
+            kw = {"shuffle": False, "drop_last": False, **kw}
+        return Loader(self.data, split, self.grid, batch_size=self.cfg.batch_size, seed=self.cfg.seed, **kw)
+
+    def network(self, info: DatasetInfo) -> nn.Module:
+        """The configured network on this rank's device, its initial weights from `--seed`
+        (torch seeds itself randomly; the engine broadcasts rank 0's anyway)."""
+        torch.manual_seed(self.cfg.seed)
+        return build_network(self.cfg, info).to(self.grid.device)

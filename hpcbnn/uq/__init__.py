@@ -1,0 +1,1 @@
+"""Uncertainty metrics of a Bayesian predictive, written as additive sums so they reduce exactly."""
