@@ -143,6 +143,60 @@ class BayesianModule(nn.Module):
         eps_w, eps_b = self.noise()
         return F.softplus(self.weight_rho) * eps_w, self.sample_bias(eps_b)
 
+    # The estimators, each written once: a layer supplies its deterministic `op` and the
+    # `batched_op` that applies k weight samples in one call, the estimators compose them.
+
+    channel_dim = 1
+    """The channel axis of an input: 1 for a convolution's [N, C, ...], -1 for Linear's [N, ..., in]."""
+
+    def op(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+        """The deterministic layer with weight w [*weight] and bias b [out]."""
+        raise NotImplementedError
+
+    def batched_op(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+        """k weight samples w [k, *weight], biases b [k, out] on a sample-major x [k*B, ...], in one call."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        k = self.samples_here()
+        if k == 0:
+            return self.op(x, self.weight_mu, self.bias_mu)
+        _check_rows(x, k, self)
+        if self.estimator == "reparam":
+            return self.reparam(x)
+        if self.estimator == "local":
+            return self.local_reparam(x)
+        return self.flipout(x)
+
+    def reparam(self, x: Tensor) -> Tensor:
+        """w_s = mu + sigma * eps_s: k weight copies through the batched op."""
+        w, b = self.sample()
+        return self.batched_op(x, w, b)
+
+    def local_reparam(self, x: Tensor) -> Tensor:
+        """The pre-activation's Gaussian mu x + sqrt(sigma^2 x^2) * eps: noise per example, no weight copies."""
+        mean = self.op(x, self.weight_mu, self.bias_mu)
+        var = self.op(
+            x.square(),
+            F.softplus(self.weight_rho).square(),
+            None if self.bias_rho is None else F.softplus(self.bias_rho).square(),
+        )
+        noise = example_noise(self.noise_key, x.shape[0], mean.shape[1:], mean.dtype, mean.device)
+        return torch.addcmul(mean, var.clamp_min(torch.finfo(var.dtype).tiny).sqrt(), noise)
+
+    def flipout(self, x: Tensor) -> Tensor:
+        """mu x + ((x * r_in) (sigma * eps_s)) * r_out with random signs r per example: the k
+        perturbations decorrelate over the rows at the cost of a second (batched) op."""
+        dw, b = self.perturbation()
+        d = self.channel_dim % x.dim()
+        n_in, n_out = x.shape[d], self.weight_mu.shape[0]
+        shape = [1] * (x.dim() - 1)
+        shape[d - 1] = n_in + n_out
+        signs = example_noise(self.noise_key, x.shape[0], shape, x.dtype, x.device, kind="sign")
+        s_in, s_out = signs.split([n_in, n_out], dim=d)
+        out = torch.addcmul(self.op(x, self.weight_mu, None), self.batched_op(x * s_in, dw, None), s_out)
+        return out if b is None else _add_sample_bias(out, b, channel_dim=d)
+
     def extra_repr(self) -> str:
         return f"prior_scale={self.prior_scale}, init_std={self.init_std}, estimator={self.estimator!r}"
 
@@ -206,47 +260,34 @@ class BayesianLinear(BayesianModule):
     def bias(self) -> SampledOperand | None:
         return None if self.bias_mu is None else SampledOperand(self, "bias")
 
-    def forward(self, x: Tensor) -> Tensor:
-        k = self.samples_here()
-        if k == 0:
-            return F.linear(x, self.weight_mu, self.bias_mu)
-        _check_rows(x, k, self)
-        if self.estimator == "reparam":
-            eps_w, eps_b = self.noise(reuse=True)
-            x3 = x.reshape(k, -1, self.in_features)
-            y = _ReparamLinear.apply(
-                x3,
-                self.weight_mu,
-                F.softplus(self.weight_rho),
-                eps_w,
-                self.sample_bias(eps_b),
-                self if torch.is_grad_enabled() else None,
-            )
-            return y.reshape(*x.shape[:-1], self.out_features)
-        if self.estimator == "local":
-            mean = F.linear(x, self.weight_mu, self.bias_mu)
-            var = F.linear(
-                x.square(),
-                F.softplus(self.weight_rho).square(),
-                None if self.bias_rho is None else F.softplus(self.bias_rho).square(),
-            )
-            noise = example_noise(self.noise_key, x.shape[0], mean.shape[1:], mean.dtype, mean.device)
-            return torch.addcmul(mean, var.clamp_min(torch.finfo(var.dtype).tiny).sqrt(), noise)
-        dw, b = self.perturbation()
-        ones = (1,) * (x.dim() - 2)
-        signs = example_noise(
-            self.noise_key, x.shape[0], (*ones, self.in_features + self.out_features), x.dtype, x.device, kind="sign"
+    channel_dim = -1
+
+    def op(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+        return F.linear(x, w, b)
+
+    def batched_op(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+        return batched_linear(x, w, b)
+
+    def reparam(self, x: Tensor) -> Tensor:
+        """The fast path: `_ReparamLinear` keeps neither the k weight copies nor their gradients."""
+        eps_w, eps_b = self.noise(reuse=True)
+        k = eps_w.shape[0]
+        y = _ReparamLinear.apply(
+            x.reshape(k, -1, self.in_features),
+            self.weight_mu,
+            F.softplus(self.weight_rho),
+            eps_w,
+            self.sample_bias(eps_b),
+            self if torch.is_grad_enabled() else None,
         )
-        s_in, s_out = signs.split([self.in_features, self.out_features], dim=-1)
-        out = torch.addcmul(F.linear(x, self.weight_mu), batched_linear(x * s_in, dw, None), s_out)
-        return out if b is None else _add_sample_bias(out, b, channel_dim=-1)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
 
 def _add_sample_bias(out: Tensor, b: Tensor, channel_dim: int) -> Tensor:
-    """out [k*B, ...] + each sample's bias b [k, C], along `channel_dim` of the view [k, B, ...]."""
+    """out [k*B, ...] + each sample's bias b [k, C] along out's (non-negative) `channel_dim`."""
     k, c = b.shape
     shape = [k] + [1] * out.dim()
-    shape[channel_dim] = c
+    shape[channel_dim + 1] = c
     return (_sample_major(out, k) + b.view(shape)).view_as(out)
 
 
@@ -394,47 +435,23 @@ class _BayesianConvNd(BayesianModule):
         layer.load_means(m.weight, m.bias)
         return layer
 
-    def conv(self, x: Tensor, w: Tensor, b: Tensor | None, groups: int) -> Tensor:
+    def _convolve(self, x: Tensor, w: Tensor, b: Tensor | None, groups: int) -> Tensor:
         return type(self)._conv(x, w, b, self.stride, self.padding, self.dilation, groups)
 
-    def grouped(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    def op(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+        return self._convolve(x, w, b, self.groups)
+
+    def batched_op(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
         """x [k*B, C, ...] with kernels w [k, O, C/g, ...] -> [k*B, O, ...] in one convolution."""
         k = w.shape[0]
         if k == 1:
-            return self.conv(x, w[0], None if b is None else b[0], self.groups)
+            return self.op(x, w[0], None if b is None else b[0])
         xs = _sample_major(x, k).transpose(0, 1).reshape(x.shape[0] // k, k * x.shape[1], *x.shape[2:])
-        y = self.conv(
+        y = self._convolve(
             xs, w.reshape(k * w.shape[1], *w.shape[2:]), None if b is None else b.reshape(-1), k * self.groups
         )
         y = y.view(y.shape[0], k, self.out_channels, *y.shape[2:]).transpose(0, 1)
         return y.reshape(x.shape[0], self.out_channels, *y.shape[3:])
-
-    def forward(self, x: Tensor) -> Tensor:
-        k = self.samples_here()
-        if k == 0:
-            return self.conv(x, self.weight_mu, self.bias_mu, self.groups)
-        _check_rows(x, k, self)
-        if self.estimator == "reparam":
-            w, b = self.sample()
-            return self.grouped(x, w, b)
-        if self.estimator == "local":
-            mean = self.conv(x, self.weight_mu, self.bias_mu, self.groups)
-            var = self.conv(
-                x.square(),
-                F.softplus(self.weight_rho).square(),
-                None if self.bias_rho is None else F.softplus(self.bias_rho).square(),
-                self.groups,
-            )
-            noise = example_noise(self.noise_key, x.shape[0], mean.shape[1:], mean.dtype, mean.device)
-            return torch.addcmul(mean, var.clamp_min(torch.finfo(var.dtype).tiny).sqrt(), noise)
-        dw, b = self.perturbation()
-        ones = (1,) * self.dims
-        signs = example_noise(
-            self.noise_key, x.shape[0], (self.in_channels + self.out_channels, *ones), x.dtype, x.device, kind="sign"
-        )
-        s_in, s_out = signs.split([self.in_channels, self.out_channels], dim=1)
-        out = torch.addcmul(self.conv(x, self.weight_mu, None, self.groups), self.grouped(x * s_in, dw, None), s_out)
-        return out if b is None else _add_sample_bias(out, b, channel_dim=2)
 
 
 class BayesianConv1d(_BayesianConvNd):
