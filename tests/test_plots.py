@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import struct
 from pathlib import Path
 
 import pytest
 import torch
 
+from hpcbnn.errors import UsageError
 from hpcbnn.run import plots
-from hpcbnn.uq import metrics
+from hpcbnn.uq import metrics, ood
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -32,22 +34,14 @@ def test_reliability_diagram(tmp_path):
     assert png_size(out) == (600, 720)
 
 
-def regression_cal_data(with_intervals: bool) -> dict:
+def test_regression_calibration(tmp_path):
     g = torch.Generator().manual_seed(1)
     x = torch.linspace(0, 6, 300)
     mean = torch.sin(x)[None, :, None] + 0.1 * torch.randn(8, 300, 1, generator=g)
     std = torch.full_like(mean, 0.15)
     y = torch.sin(x)[:, None] + 0.3 * torch.randn(300, 1, generator=g)
-    data = dict(metrics.regression_metrics(mean, std, y)["calibration"])
-    if with_intervals:
-        data["intervals"] = metrics.prediction_intervals(mean, std, y)
-    return data
-
-
-@pytest.mark.parametrize("with_intervals,size", [(True, (1320, 540)), (False, (600, 540))])
-def test_regression_calibration(tmp_path, with_intervals, size):
-    out = plots.regression_calibration(regression_cal_data(with_intervals), tmp_path / "cal.png")
-    assert png_size(out) == size
+    out = plots.regression_calibration(metrics.regression_metrics(mean, std, y)["calibration"], tmp_path / "cal.png")
+    assert png_size(out) == (600, 540)
 
 
 def scaling_rows() -> list[dict]:
@@ -75,3 +69,37 @@ def test_scaling_plot_names_a_missing_key(tmp_path):
     del row["comm_share"]
     with pytest.raises(ValueError, match="scaling row 0 lacks comm_share"):
         plots.scaling_plot([row], tmp_path / "x.png")
+
+
+def epoch_records(classification: bool = True) -> list[dict]:
+    val = {"accuracy": 0.9, "nll": 0.3, "ece": 0.02, "mutual_information": 0.01} if classification else {
+        "rmse": 1.0, "nll": 1.2, "crps": 0.5}
+    return [{"epoch": e, "loss": 2.0 / e, "nll": 1.0 / e, "kl_per_n": 0.1, "lr": 1e-3, "val": val,
+             "sigma": {"0": {"min": 1e-3, "p10": 2e-3, "median": 3e-3, "p90": 4e-3, "max": 5e-3}}}
+            for e in range(1, 4)]
+
+
+@pytest.mark.parametrize("classification, size", [(True, (1920, 768)), (False, (1920, 768))])
+def test_learning_curves(tmp_path, classification, size):
+    assert png_size(plots.learning_curves(epoch_records(classification), tmp_path / "curves.png")) == size
+
+
+def test_uncertainty_plot_with_and_without_an_ood_set(tmp_path):
+    g = torch.Generator().manual_seed(2)
+    sure = torch.softmax(6 * torch.randn(4, 300, 10, generator=g), -1)
+    unsure = torch.softmax(torch.randn(4, 200, 10, generator=g), -1)
+    inside, outside = ood.uncertainty_scores(sure), ood.uncertainty_scores(unsure)
+    selective = ood.risk_coverage(inside["maxprob"], torch.rand(300, generator=g).numpy() < 0.8)
+    report = ood.ood_detection(inside, outside)
+    assert png_size(plots.uncertainty_plot(selective, report, tmp_path / "u.png")) == (1260, 540)
+    assert png_size(plots.uncertainty_plot(selective, None, tmp_path / "u1.png")) == (600, 540)
+
+
+def test_plots_command_redraws_a_run_directory_and_refuses_other_ones(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in epoch_records()))
+    assert plots.draw_run(run) == [run / "curves.png"]  # no summary.json yet: training goes on
+    assert png_size(run / "curves.png") == (1920, 768)
+    with pytest.raises(UsageError, match=r"metrics\.jsonl is missing"):
+        plots.draw_run(tmp_path)

@@ -13,9 +13,9 @@ import pytest
 import torch
 import yaml
 
+from hpcbnn.data import default_dataset, open_dataset
 from hpcbnn.run.checkpoint import latest_checkpoint, load_checkpoint, model_fingerprint
 from hpcbnn.run.config import load_config
-from hpcbnn.data import default_dataset, open_dataset
 from hpcbnn.run.network import build_network
 from tests.mpi import ROOT, mpirun_prefix, run_mpi
 
@@ -41,19 +41,46 @@ def test_run_learns_and_writes_a_complete_run_directory(tmp_path: Path, np: int,
     epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [e["epoch"] for e in epochs] == [1, 2]
     for e in epochs:
-        assert {"loss", "nll", "kl", "examples_per_s", "time_compute", "time_comm", "time_data"} <= e.keys()
+        assert {"loss", "nll", "kl", "kl_per_n", "examples_per_s", "time_compute", "time_comm", "time_data"} <= e.keys()
         assert e["val"]["count"] == 180  # every validation example once, no fill-up rows
+        assert e["val"]["mutual_information"] >= 0
+        assert_healthy_sigmas(e["sigma"])
     assert epochs[1]["nll"] < epochs[0]["nll"]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["test"]["count"] == 360
     assert summary["test"]["accuracy"] > 0.5  # ten classes: chance is 0.1
     assert 0 <= summary["test"]["ece"] <= 1
-    assert (run_dir / "reliability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert 0 <= summary["test"]["selective"]["aurc"] <= 1
+    assert_healthy_sigmas(summary["posterior"]["sigma"])
+    assert summary["posterior"]["kl_per_n"] > 0
+    ood = summary["ood"]  # the bundled digits come with their rotated copy as the default OOD set
+    assert ood["count_in"] == ood["count_out"] == 360
+    assert all(0 <= ood[f"auroc_{s}"] <= 1 and 0 <= ood[f"fpr95_{s}"] <= 1 for s in ("maxprob", "entropy", "mi"))
+    assert f"mutual information {ood['mi_in']:.3g} in vs {ood['mi_out']:.3g} on OOD inputs" in result.stderr
+    for picture in ("reliability.png", "uncertainty.png", "curves.png"):
+        assert (run_dir / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", picture
     assert list((run_dir / "checkpoints").glob("step-*.pt"))
+    if np > 2:
+        return  # the commands on a run directory: once is enough
 
     again = run_mpi(1, ["-m", "hpcbnn.evaluate", str(run_dir), "--samples", "8"], timeout=120)
     assert again.returncode == 0, again.output
     assert json.loads(again.stdout.splitlines()[-1])["count"] == 360
+
+    (run_dir / "curves.png").unlink()
+    redrawn = subprocess.run([sys.executable, "-m", "hpcbnn.plots", str(run_dir)], capture_output=True, text=True,
+                             cwd=ROOT, timeout=120)
+    assert redrawn.returncode == 0, redrawn.stderr
+    assert str(run_dir / "curves.png") in redrawn.stdout
+    assert (run_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def assert_healthy_sigmas(sigma: dict) -> None:
+    """One entry per Bayesian layer, by qualified name, with finite positive ordered quantiles."""
+    assert sigma, "no Bayesian layer reported"
+    for name, q in sigma.items():
+        values = [q[k] for k in ("min", "p10", "median", "p90", "max")]
+        assert all(0 < v < float("inf") for v in values) and values == sorted(values), (name, q)
 
 
 def start(np: int, args: list[str]) -> subprocess.Popen:
@@ -117,6 +144,7 @@ def test_corrupt_checkpoint_is_refused(tmp_path: Path) -> None:
     (["--mode", "data", "--batch_size", "33"], "--batch_size 33 is not divisible by the D=2"),
     (["--mode", "hybrid", "--sample_group", "3"], "2 ranks are not divisible into sample groups of K=3"),
     (["--data", "/nonexistent/data.h5"], "/nonexistent/data.h5"),
+    (["--ood", "/nonexistent/ood.h5"], "--ood: /nonexistent/ood.h5: no such file"),
     (["--config", "CONFIG"], "Option 'bogus' is not accepted"),
     (["--lr", "1e12", "--warmup_epochs", "0"], "at step"),  # "the loss is nan|inf at step N"
 ])

@@ -512,8 +512,34 @@ def _is_current(path: Path) -> bool:
         return False
 
 
+def convert_digits_rotated(out: Path | str, progress: bool = False) -> Path:
+    """The digits file with every image rotated by 90 degrees (labels: the source digits'), the
+    default out-of-distribution set of the bundled data: a structural corruption that keeps
+    each image's pixel values, so its intensity statistics are the digits' own and only the
+    shape tells it apart."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = np.ascontiguousarray(np.rot90(digits.data.astype(np.float32).reshape(-1, 1, 8, 8), 1, axes=(2, 3)))
+    parts = split_indices(len(x), DIGITS_COUNTS["val"], DIGITS_COUNTS["test"], DIGITS_SEED)
+    return write_arrays(
+        out,
+        {s: (x, digits.target.astype(np.int64), rows) for s, rows in parts.items()},
+        task="classification",
+        num_classes=10,
+        source="sklearn.datasets.load_digits rotated by 90 degrees",
+        progress=progress,
+    )
+
+
+def default_ood_dataset() -> Path:
+    """Where `default_dataset` puts the rotated digits (`convert_digits_rotated`)."""
+    return cache_dir() / "digits-rotated.h5"
+
+
 def default_dataset(comm=None) -> Path:
-    """The built-in digits file, converted on first use into the cache directory.
+    """The built-in digits file (and its rotated copy, the default OOD set), converted on
+    first use into the cache directory.
 
     With `comm`, one rank per node writes it (the cache may be node-local; on a shared file
     system concurrent writers are safe as each renames its own complete file into place)
@@ -530,6 +556,8 @@ def default_dataset(comm=None) -> Path:
         try:
             if not _is_current(path):
                 convert_digits(path)
+            if not _is_current(default_ood_dataset()):
+                convert_digits_rotated(default_ood_dataset())
         except (UsageError, OSError) as exc:
             error = (
                 f"cannot create the default data set in {path.parent} ({exc}); set HPCBNN_CACHE to a writable directory"

@@ -238,7 +238,7 @@ def _open(path: Path, split: str, scan_values: bool) -> DatasetInfo:
         return DatasetInfo(path=path, split=split, n=x.shape[0], x_dtype=x.dtype, **head)
 
 
-class Progress:
+class WriteProgress:
     """One log-friendly line to stderr every few seconds, only for conversions that take that long."""
 
     def __init__(self, label: str, total: int, enabled: bool, every: float = 3.0) -> None:
@@ -317,7 +317,7 @@ class DatasetWriter:
         self.done = dict.fromkeys(SPLITS, 0)
         self.x_moments = _Moments(self.input_shape[0])
         self.y_moments = _Moments(self.num_classes) if task == "regression" else None
-        self.progress = Progress(f"writing {self.path}", sum(self.counts.values()), progress)
+        self.progress = WriteProgress(f"writing {self.path}", sum(self.counts.values()), progress)
         self.tmp = self.path.with_name(f".{self.path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)

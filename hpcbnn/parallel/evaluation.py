@@ -3,16 +3,22 @@
 Each data group predicts its rows with all S samples (gathered over its sample
 communicator), turns them into additive statistics, and those are summed over the data
 communicator: the reported metrics are those of the Bayesian model average over every
-example, not an average of per-rank metrics.
+example, not an average of per-rank metrics. Ranking metrics (OOD detection, selective
+prediction) gather the per-example scores over the data communicator instead, so they
+are exact too.
 
     metrics = evaluate(engine, Loader(path, "test", grid, ...), samples=32, task="classification")
+    metrics, ood = evaluate_uncertainty(engine, test_loader, 32, "classification", ood=ood_loader)
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
+from torch import Tensor
 
 from hpcbnn.bnn.objectives import gaussian_params
 from hpcbnn.data import DatasetInfo, Loader
@@ -25,26 +31,75 @@ from hpcbnn.uq.metrics import (
     finalize_regression,
     regression_sums,
 )
+from hpcbnn.uq.ood import gather, ood_detection, risk_coverage, uncertainty_scores
 
 
-@torch.no_grad()
 def evaluate(engine: Engine, loader: Loader, samples: int, task: str, bins: int = 15) -> dict[str, Any]:
     """Metrics of the `samples`-sample predictive on every example of `loader`'s split."""
-    engine.model.eval()
+    return _evaluate(engine, loader, samples, task, bins, scores=False)[0]
+
+
+def evaluate_uncertainty(
+    engine: Engine, loader: Loader, samples: int, task: str, bins: int = 15, ood: Loader | None = None
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """`evaluate`'s metrics plus, for classification, selective prediction (metrics["selective"]:
+    risk-coverage curve and AURC), and OOD detection of `ood`'s examples against `loader`'s
+    (`hpcbnn.uq.ood.ood_detection`; None without `ood`)."""
+    metrics, inside = _evaluate(engine, loader, samples, task, bins, scores=task == "classification")
+    if inside is None:
+        if ood is not None:
+            raise ValueError("OOD detection needs a classification model")
+        return metrics, None
+    metrics["selective"] = risk_coverage(inside["maxprob"], inside.pop("correct") > 0)
+    if ood is None:
+        return metrics, None
+    local: dict[str, list[np.ndarray]] = {}
+    for out, _ in _predictions(engine, ood, samples):
+        for key, value in uncertainty_scores(out.softmax(-1)).items():
+            local.setdefault(key, []).append(value)
+    outside = gather({k: np.concatenate(v) for k, v in local.items()}, engine.grid.data_comm)
+    return metrics, ood_detection(inside, outside)
+
+
+def _evaluate(
+    engine: Engine, loader: Loader, samples: int, task: str, bins: int, scores: bool
+) -> tuple[dict[str, Any], dict[str, np.ndarray] | None]:
+    """The finalized metrics and, with `scores`, every example's uncertainty scores and
+    correctness, gathered over the data communicator."""
     totals: Sums | None = None
-    for batch in loader.epoch(0):
-        out = engine.predict(batch.x.to(engine.grid.device), batch.rows, loader.batch_size, samples)
-        keep = batch.valid.to(out.device)  # the fill-up rows of a last batch are not counted
-        out, y = out[:, keep], batch.y.to(out.device)[keep]
+    local: dict[str, list[np.ndarray]] = {}
+    for out, y in _predictions(engine, loader, samples):
         if task == "classification":
-            sums = classification_sums(out.softmax(-1), y, bins)
+            probs = out.softmax(-1)
+            sums = classification_sums(probs, y, bins)
+            if scores:
+                for key, value in uncertainty_scores(probs).items():
+                    local.setdefault(key, []).append(value)
+                correct = probs.mean(0).argmax(-1) == y
+                local.setdefault("correct", []).append(correct.to(torch.float64).cpu().numpy())
         else:
             sums = regression_sums(*original_units(*gaussian_params(out), y, loader.info))
         totals = sums if totals is None else {k: totals[k] + sums[k] for k in totals}
-    engine.model.train()
     assert totals is not None, "a validated split has at least one batch"
     totals = allreduce_sums(totals, engine.grid.data_comm)
-    return finalize_classification(totals) if task == "classification" else finalize_regression(totals)
+    metrics = finalize_classification(totals) if task == "classification" else finalize_regression(totals)
+    if not scores:
+        return metrics, None
+    return metrics, gather({k: np.concatenate(v) for k, v in local.items()}, engine.grid.data_comm)
+
+
+@torch.no_grad()
+def _predictions(engine: Engine, loader: Loader, samples: int) -> Iterator[tuple[Tensor, Tensor]]:
+    """The S-sample outputs [S, n, ...] and targets of this data group's rows, batch by batch,
+    without the fill-up rows of a last batch (every example counts once)."""
+    engine.model.eval()
+    try:
+        for batch in loader.epoch(0):
+            out = engine.predict(batch.x.to(engine.grid.device), batch.rows, loader.batch_size, samples)
+            keep = batch.valid.to(out.device)
+            yield out[:, keep], batch.y.to(out.device)[keep]
+    finally:
+        engine.model.train()
 
 
 def original_units(

@@ -1,7 +1,8 @@
-"""`python -m hpcbnn.evaluate RUN_DIR`: evaluate a run's latest checkpoint again, on any grid.
+"""`python -m hpcbnn.evaluate RUN_DIR [--ood FILE.h5]`: evaluate a run's latest checkpoint again, on any grid.
 
-The metrics come from `hpcbnn.parallel.evaluation`; this module is the command line and
-the run's summary (summary.json and its calibration picture).
+The metrics come from `hpcbnn.parallel.evaluation`; this module is the command line. It
+writes RUN_DIR/evaluation.json: the split's metrics, selective prediction and, with an OOD
+set (by default the run's --ood), AUROC and FPR at 95% TPR by each uncertainty score.
 """
 
 from __future__ import annotations
@@ -9,37 +10,17 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
 
 from hpcbnn.data import open_dataset
 from hpcbnn.errors import UsageError, entry_point
 from hpcbnn.parallel.collectives import BACKENDS
 from hpcbnn.parallel.engine import Engine
-from hpcbnn.parallel.evaluation import evaluate
+from hpcbnn.parallel.evaluation import evaluate_uncertainty
 from hpcbnn.parallel.grid import MODES
 from hpcbnn.run.checkpoint import latest_checkpoint, load_checkpoint, model_fingerprint
 from hpcbnn.run.config import load_config
 from hpcbnn.run.job import Job
-from hpcbnn.run.plots import regression_calibration, reliability_diagram
-from hpcbnn.run.rundir import RunDir
-
-
-def plot_and_summarise(run: RunDir, metrics: dict[str, Any], task: str, extra: dict[str, Any]) -> dict[str, Any]:
-    """Write summary.json and the calibration picture; return the summary."""
-    if task == "classification":
-        plot = "reliability.png"
-        headline = f"accuracy {metrics['accuracy']:.4f}, NLL {metrics['nll']:.4f}, ECE {metrics['ece']:.4f}"
-    else:
-        plot = "calibration.png"
-        headline = f"RMSE {metrics['rmse']:.4f}, NLL {metrics['nll']:.4f}, CRPS {metrics['crps']:.4f}"
-    if run.grid.is_root:
-        if task == "classification":
-            reliability_diagram(metrics["reliability"], run.path / plot)
-        else:
-            regression_calibration(metrics["calibration"], run.path / plot)
-    summary = {"test": metrics, "headline": headline, "plot": plot, **extra}
-    run.write_json("summary.json", summary)
-    return summary
+from hpcbnn.uq.ood import SCORES
 
 
 @entry_point("hpcbnn.evaluate")
@@ -55,6 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, help="predictive samples (default: the run's eval_samples)")
     parser.add_argument("--split", default="test", choices=("train", "val", "test"))
     parser.add_argument(
+        "--ood",
+        help="out-of-distribution inputs: an hpcbnn HDF5 file, auto (the bundled digits rotated, for a run "
+        "on them) or none (default: the run's --ood)",
+    )
+    parser.add_argument("--ood_split", default="test", choices=("train", "val", "test"), help="split of --ood")
+    parser.add_argument(
         "--mode",
         choices=MODES,
         default="sample",
@@ -67,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     samples = args.samples or cfg.eval_samples or cfg.samples
     job = Job.start(cfg, [samples], mode=args.mode, sample_group=args.sample_group, backend=args.backend)
     info = open_dataset(job.data, "train")
+    loader = job.loader(args.split)
+    ood = job.ood_loader(loader, args.ood, args.ood_split)
     model = job.network(info)
     path = latest_checkpoint(args.run_dir)
     if path is None:
@@ -76,11 +65,19 @@ def main(argv: list[str] | None = None) -> int:
     engine = Engine(
         model, None, job.grid, job.comm, samples=samples, batch_size=cfg.batch_size, n_train=info.n, seed=cfg.seed
     )
-    metrics = evaluate(engine, job.loader(args.split), samples, info.task, cfg.ece_bins)
+    metrics, ood_metrics = evaluate_uncertainty(engine, loader, samples, info.task, cfg.ece_bins, ood)
     if job.grid.is_root:
+        if ood is not None and ood_metrics is not None:
+            ood_metrics = {"file": str(ood.info.path), "split": args.ood_split, **ood_metrics}
+        head = {"split": args.split, "samples": samples, "step": state["step"]}
         (args.run_dir / "evaluation.json").write_text(
-            json.dumps({"split": args.split, "samples": samples, "step": state["step"], **metrics}, indent=2) + "\n"
+            json.dumps({**head, **metrics, "ood": ood_metrics}, indent=2) + "\n"
         )
         shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        if "selective" in metrics:
+            shown["aurc"] = metrics["selective"]["aurc"]
+        if ood_metrics:
+            shown.update({f"ood_{m}_{s}": ood_metrics[f"{m}_{s}"] for m in ("auroc", "fpr95") for s in SCORES})
+            shown.update({f"ood_{k}": ood_metrics[k] for k in ("mi_in", "mi_out")})
         print(json.dumps({"split": args.split, "samples": samples, **shown}))
     return 0

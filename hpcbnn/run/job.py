@@ -11,6 +11,8 @@ import torch
 from torch import nn
 
 from hpcbnn.data import DatasetInfo, Loader, default_dataset
+from hpcbnn.data.convert import default_ood_dataset
+from hpcbnn.errors import UsageError
 from hpcbnn.parallel.collectives import Collectives, make_collectives
 from hpcbnn.parallel.grid import ProcessGrid
 from hpcbnn.run.config import Config
@@ -44,11 +46,33 @@ class Job:
         data = Path(cfg.data) if cfg.data else default_dataset(grid.world)
         return cls(cfg, grid, comm, data)
 
-    def loader(self, split: str, **kw: Any) -> Loader:
-        """This rank's view of `split`; evaluation splits are read in order and to the last example."""
+    def loader(self, split: str, path: Path | None = None, **kw: Any) -> Loader:
+        """This rank's view of `split` (of the data file, or of `path`); evaluation splits are
+        read in order and to the last example."""
         if split != "train":
             kw = {"shuffle": False, "drop_last": False, **kw}
-        return Loader(self.data, split, self.grid, batch_size=self.cfg.batch_size, seed=self.cfg.seed, **kw)
+        return Loader(path or self.data, split, self.grid, batch_size=self.cfg.batch_size, seed=self.cfg.seed, **kw)
+
+    def ood_loader(self, like: Loader, choice: str | None = None, split: str = "test") -> Loader | None:
+        """The out-of-distribution inputs `choice` (a file, "auto" or "none"; default: the run's
+        --ood) to tell apart from `like`'s, or None. Checked now, so a bad file fails before
+        any slow work; its inputs get the model's normalisation (`like`'s), not their own file's."""
+        choice = self.cfg.ood if choice is None else choice
+        if choice == "none" or (choice == "auto" and self.cfg.data):
+            return None
+        if like.info.task != "classification":
+            raise UsageError(f"--ood {choice}: OOD detection needs a classification data set, {like.info.path} is not")
+        try:
+            loader = self.loader(split, default_ood_dataset() if choice == "auto" else Path(choice))
+        except UsageError as exc:
+            raise UsageError(f"--ood: {exc}", collective=exc.collective) from None
+        if loader.info.input_shape != like.info.input_shape:
+            raise UsageError(
+                f"--ood {choice}: its inputs have shape {list(loader.info.input_shape)}, the model's "
+                f"{list(like.info.input_shape)}"
+            )
+        loader.scale, loader.shift = like.scale, like.shift
+        return loader
 
     def network(self, info: DatasetInfo) -> nn.Module:
         """The configured network on this rank's device, its initial weights from `--seed`

@@ -1,19 +1,25 @@
-"""Pictures a person would rather look at than read: calibration and scaling.
+"""Pictures a person would rather look at than read: calibration, uncertainty, learning curves, scaling.
 
 Figures are built with matplotlib's object API and written through the Agg canvas, so no
 display and no global pyplot state are involved (safe on compute nodes and in threads).
-Inputs are the JSON-serialisable outputs of `hpcbnn.uq.metrics` and of the benchmarks.
+Inputs are the JSON-serialisable outputs of `hpcbnn.uq`, of a run directory and of the
+benchmarks. `python -m hpcbnn.plots RUN_DIR` redraws a run's pictures from its files.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
+
+from hpcbnn.errors import UsageError, entry_point
 
 SCALING_KEYS = ("scaling", "mode", "ranks", "step_time", "efficiency", "comm_share")
 
@@ -54,15 +60,12 @@ def reliability_diagram(bin_stats: dict[str, Any], path: str | Path) -> Path:
 
 
 def regression_calibration(cal_data: dict[str, Any], path: str | Path) -> Path:
-    """Observed against nominal central-interval coverage; predictions with intervals if given.
+    """Observed against nominal central-interval coverage.
 
-    `cal_data` is the "calibration" entry of `metrics.finalize_regression`, optionally with
-    an "intervals" entry from `metrics.prediction_intervals`.
+    `cal_data` is the "calibration" entry of `metrics.finalize_regression`.
     """
-    intervals = cal_data.get("intervals")
-    fig = Figure(figsize=(11 if intervals else 5, 4.5), layout="constrained")
-    axes = fig.subplots(1, 2 if intervals else 1, squeeze=False)[0]
-    curve = axes[0]
+    fig = Figure(figsize=(5, 4.5), layout="constrained")
+    curve = fig.subplots()
     curve.plot([0, 1], [0, 1], "k--", label="perfect calibration")
     curve.plot(cal_data["nominal"], cal_data["observed"], "o-", color="tab:blue", label="model")
     curve.fill_between([0, 1], [0, 0], [0, 1], color="tab:red", alpha=0.08, label="overconfident")
@@ -74,8 +77,107 @@ def regression_calibration(cal_data: dict[str, Any], path: str | Path) -> Path:
         title="Regression calibration",
     )
     curve.legend(loc="upper left")
-    if intervals:
-        _intervals(axes[1], intervals)
+    return _save(fig, path)
+
+
+def uncertainty_plot(selective: dict[str, Any], ood: dict[str, Any] | None, path: str | Path) -> Path:
+    """The risk-coverage curve and, with an OOD set, histograms of the mutual information
+    in and out of distribution: does the model know what it does not know?
+
+    `selective` is the "selective" entry of the test metrics (`ood.risk_coverage`), `ood`
+    the result of `ood.ood_detection`.
+    """
+    fig = Figure(figsize=(10.5 if ood else 5, 4.5), layout="constrained")
+    axes = fig.subplots(1, 2 if ood else 1, squeeze=False)[0]
+    if ood:
+        hist = ood["mi_histogram"]
+        edges = hist["edges"]
+        for part, color, label in (("in", "tab:blue", "in-distribution"), ("out", "tab:red", "out-of-distribution")):
+            total = max(1, sum(hist[part]))
+            axes[0].stairs([c / total for c in hist[part]], edges, color=color, fill=True, alpha=0.35)
+            axes[0].stairs(
+                [c / total for c in hist[part]], edges, color=color, label=f"{label} (mean {ood[f'mi_{part}']:.2g})"
+            )
+        axes[0].set(
+            xscale="log",
+            xlabel="mutual information (nats)",
+            ylabel="fraction of examples",
+            title=f"Epistemic uncertainty (MI-AUROC {ood['auroc_mi']:.3f})",
+        )
+        axes[0].legend(fontsize="small")
+    curve = axes[-1]
+    coverage, risk = selective["coverage"], selective["risk"]
+    error = risk[-1]  # at full coverage: the error rate
+    curve.plot(coverage, risk, color="tab:blue", label=f"model (AURC {selective['aurc']:.4f})")
+    curve.plot(coverage, [max(0.0, 1 - (1 - error) / c) for c in coverage], "k--", label="oracle (errors last)")
+    curve.set(
+        xlim=(0, 1),
+        ylim=(0, max(0.01, 1.05 * max(risk))),
+        xlabel="coverage (most confident fraction kept)",
+        ylabel="risk (error rate)",
+        title="Selective prediction",
+    )
+    curve.legend(loc="upper left", fontsize="small")
+    return _save(fig, path)
+
+
+# Panels of the learning curves: title, then (label, key) series; "val.x" is a validation metric.
+CURVE_PANELS = (
+    ("loss", (("training loss", "loss"),)),
+    ("negative log-likelihood", (("training (expected)", "nll"), ("validation (predictive)", "val.nll"))),
+    ("KL / N", (("KL / N", "kl_per_n"),)),
+    ("learning rate", (("learning rate", "lr"),)),
+    ("validation accuracy", (("accuracy", "val.accuracy"),)),
+    ("validation ECE", (("ECE", "val.ece"),)),
+    ("validation mutual information", (("MI", "val.mutual_information"),)),
+    ("validation RMSE", (("RMSE", "val.rmse"),)),
+    ("validation CRPS", (("CRPS", "val.crps"),)),
+)
+
+
+def learning_curves(records: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """Per-epoch training and validation curves from the records of metrics.jsonl, and the
+    posterior standard deviations per layer (median, p10-p90 band): a posterior that
+    learns shows layers and quantiles apart, not one flat line.
+
+    Panels whose keys no record has (e.g. accuracy of a regression run) are left out.
+    """
+    if not records:
+        raise ValueError("no epochs to plot: metrics.jsonl is empty")
+    epochs = [r["epoch"] for r in records]
+
+    def series(key: str) -> list[float]:
+        values = [_lookup(r, key) for r in records]
+        return [math.nan if v is None else v for v in values]
+
+    panels = [
+        (title, present)
+        for title, lines in CURVE_PANELS
+        if (present := [(label, key) for label, key in lines if any(_lookup(r, key) is not None for r in records)])
+    ]
+    layers = list(records[-1].get("sigma") or {})
+    columns = 4
+    rows = -(-(len(panels) + bool(layers)) // columns)
+    fig = Figure(figsize=(4 * columns, 3.2 * rows), layout="constrained")
+    axes = fig.subplots(rows, columns, squeeze=False).ravel()
+    for ax, (title, lines) in zip(axes, panels):
+        for label, key in lines:
+            ax.plot(epochs, series(key), "o-", markersize=3, label=label)
+        ax.set(title=title, xlabel="epoch")
+        if len(lines) > 1:
+            ax.legend(fontsize="small")
+    if layers:
+        ax = axes[len(panels)]
+        for name in layers:
+            quantile = {q: series(f"sigma.{name}.{q}") for q in ("p10", "median", "p90")}
+            (line,) = ax.plot(epochs, quantile["median"], "o-", markersize=3, label=name)
+            ax.fill_between(epochs, quantile["p10"], quantile["p90"], color=line.get_color(), alpha=0.2)
+        ax.set(title="posterior sigma (median, p10-p90)", xlabel="epoch", yscale="log")
+        ax.legend(fontsize="x-small")
+    for ax in axes[: len(panels) + bool(layers)]:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax in axes[len(panels) + bool(layers) :]:
+        ax.set_axis_off()
     return _save(fig, path)
 
 
@@ -131,13 +233,50 @@ def scaling_plot(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
     return _save(fig, path)
 
 
-def _intervals(ax: Axes, iv: dict[str, Any]) -> None:
-    index = range(len(iv["mean"]))
-    ax.fill_between(index, iv["lower"], iv["upper"], color="tab:blue", alpha=0.25, label=f"{iv['level']:.0%} interval")
-    ax.plot(index, iv["mean"], color="tab:blue", label="predictive mean")
-    ax.plot(index, iv["target"], "k.", markersize=4, label="target")
-    ax.set(xlabel="test example", ylabel="value", title="Predictions on the first test examples")
-    ax.legend(fontsize="small")
+def draw_run(run_dir: str | Path) -> list[Path]:
+    """Every picture of a run directory from its files: curves.png from metrics.jsonl and,
+    once training has finished, the calibration and uncertainty pictures from summary.json."""
+    run_dir = Path(run_dir)
+    log = run_dir / "metrics.jsonl"
+    if not log.is_file():
+        raise UsageError(f"{log} is missing: is {run_dir} a run directory written by hpcbnn.train?")
+    try:
+        records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{log} is not JSON lines ({exc})") from None
+    if not records:
+        raise UsageError(f"{log} has no epochs yet: nothing to draw")
+    written = [learning_curves(records, run_dir / "curves.png")]
+    summary_path = run_dir / "summary.json"
+    if summary_path.is_file():
+        summary = json.loads(summary_path.read_text())
+        test = summary["test"]
+        if "reliability" in test:
+            written.append(reliability_diagram(test["reliability"], run_dir / "reliability.png"))
+        if "calibration" in test:
+            written.append(regression_calibration(test["calibration"], run_dir / "calibration.png"))
+        if "selective" in test:
+            written.append(uncertainty_plot(test["selective"], summary.get("ood"), run_dir / "uncertainty.png"))
+    return written
+
+
+@entry_point("hpcbnn.plots")
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m hpcbnn.plots",
+        description="Redraw a run's pictures: curves.png from metrics.jsonl (also during training), "
+        "reliability/calibration.png and uncertainty.png from summary.json.",
+    )
+    parser.add_argument("run_dir", type=Path, help="a run directory written by hpcbnn.train")
+    for path in draw_run(parser.parse_args(argv).run_dir):
+        print(path)
+    return 0
+
+
+def _lookup(record: dict[str, Any], key: str) -> Any:
+    for part in key.split("."):
+        record = record.get(part) if isinstance(record, dict) else None
+    return record
 
 
 def _save(fig: Figure, path: str | Path) -> Path:

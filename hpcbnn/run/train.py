@@ -11,21 +11,24 @@ import math
 import sys
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from mpi4py import MPI
 
+from hpcbnn.bnn.layers import kl_divergence
 from hpcbnn.data import augmentation, open_dataset
 from hpcbnn.errors import EXIT_REQUEUE, UsageError, entry_point
 from hpcbnn.optim import make_optimizer, make_schedule
 from hpcbnn.parallel.engine import Engine, StepResult
-from hpcbnn.parallel.evaluation import evaluate
+from hpcbnn.parallel.evaluation import evaluate, evaluate_uncertainty
+from hpcbnn.run import plots
 from hpcbnn.run.config import parse_config
-from hpcbnn.run.evaluate import plot_and_summarise
 from hpcbnn.run.job import Job
 from hpcbnn.run.progress import Progress
 from hpcbnn.run.rundir import RunDir, rng_state, set_rng_state
 from hpcbnn.run.signals import StopRequest
+from hpcbnn.uq.posterior import sigma_quantiles
 
 
 @dataclass
@@ -57,9 +60,17 @@ def main(argv: list[str] | None = None) -> int:
     info = train.info
     val = job.loader("val")
     open_dataset(job.data, "test", comm=grid.world)  # a bad test split fails now, not after the last epoch
+    ood = job.ood_loader(train)
     total = min(cfg.max_steps or sys.maxsize, cfg.epochs * len(train))
     model = job.network(info)
-    optimizer = make_optimizer(model, cfg.optimizer, cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+    optimizer = make_optimizer(
+        model,
+        cfg.optimizer,
+        cfg.lr,
+        weight_decay=cfg.weight_decay,
+        momentum=cfg.momentum,
+        rho_lr_scale=cfg.rho_lr_scale,
+    )
     schedule = make_schedule(optimizer, total, len(train), warmup_epochs=cfg.warmup_epochs, schedule=cfg.schedule)
     engine = Engine(
         model,
@@ -161,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
                 "loss": totals.loss / n,
                 "nll": totals.nll / n,
                 "kl": totals.kl / n,
+                "kl_per_n": totals.kl / n / info.n,
                 "lr": schedule.get_last_lr()[0],
                 "seconds": seconds,
                 "examples_per_s": n * cfg.batch_size / seconds,
@@ -169,21 +181,47 @@ def main(argv: list[str] | None = None) -> int:
                 "time_comm": totals.comm_s,
                 "time_data": totals.data_s,
                 "val": {k: v for k, v in val_metrics.items() if not isinstance(v, (dict, list))},
+                "sigma": sigma_quantiles(model) if grid.is_root else {},
             }
         )
         if epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs or step >= total:
             checkpoint(epoch, 0)
 
-    # The final model on the test split, with the full predictive.
+    # The final model on the test split, with the full predictive; OOD detection; pictures.
     test = job.loader("test", verify=False)
-    summary = plot_and_summarise(
-        run,
-        evaluate(engine, test, eval_samples, info.task, cfg.ece_bins),
-        info.task,
-        extra={"steps": step, "epochs": epoch},
-    )
+    metrics, ood_metrics = evaluate_uncertainty(engine, test, eval_samples, info.task, cfg.ece_bins, ood)
+    posterior = {"sigma": sigma_quantiles(model), "kl_per_n": kl_divergence(model).item() / info.n}
+    summary = summarise(run, metrics, ood_metrics, posterior, info.task, {"steps": step, "epochs": epoch})
     progress.message(
         f"hpcbnn.train: done. Test {summary['headline']}. Results in {run.path} "
-        f"(summary.json, metrics.jsonl, {summary['plot']}, checkpoints/)"
+        f"(summary.json, metrics.jsonl, {', '.join(summary['plots'])}, checkpoints/)"
     )
     return 0
+
+
+def summarise(
+    run: RunDir,
+    metrics: dict[str, Any],
+    ood: dict[str, Any] | None,
+    posterior: dict[str, Any],
+    task: str,
+    extra: dict[str, Any],
+) -> dict[str, Any]:
+    """Write summary.json and the pictures (rank 0); return the summary with its headline."""
+    if task == "classification":
+        headline = f"accuracy {metrics['accuracy']:.4f}, NLL {metrics['nll']:.4f}, ECE {metrics['ece']:.4f}"
+        if ood:
+            headline += (
+                f"; mutual information {ood['mi_in']:.3g} in vs {ood['mi_out']:.3g} on OOD inputs "
+                f"(MI-AUROC {ood['auroc_mi']:.3f})"
+            )
+        names = ["reliability.png", "uncertainty.png"]
+    else:
+        headline = f"RMSE {metrics['rmse']:.4f}, NLL {metrics['nll']:.4f}, CRPS {metrics['crps']:.4f}"
+        names = ["calibration.png"]
+    summary = {"test": metrics, "ood": ood, "posterior": posterior, "headline": headline, **extra}
+    summary["plots"] = [*names, "curves.png"]
+    run.write_json("summary.json", summary)
+    if run.grid.is_root:
+        plots.draw_run(run.path)
+    return summary

@@ -153,25 +153,6 @@ def regression_metrics(
     return finalize_regression(regression_sums(mean, std, y), levels)
 
 
-def prediction_intervals(
-    mean: Tensor, std: Tensor, y: Tensor, level: float = 0.9, limit: int = 100, output: int = 0
-) -> dict[str, Any]:
-    """Mixture mean and central `level` interval of one output for the first `limit` examples.
-
-    Not additive: meant for the picture (`plots.regression_calibration`), from one shard.
-    Quantiles of the mixture come from bisection on its CDF, to float64 resolution.
-    """
-    m, s = mean[:, :limit, output].to(_F64), std[:, :limit, output].to(_F64)
-    lower, upper = (_mixture_quantile(m, s, q) for q in ((1 - level) / 2, (1 + level) / 2))
-    return {
-        "level": level,
-        "mean": m.mean(0).tolist(),
-        "lower": lower.tolist(),
-        "upper": upper.tolist(),
-        "target": y[:limit, output].to(_F64).tolist(),
-    }
-
-
 def allreduce_sums(sums: Sums, comm: Any) -> Sums:
     """Sum `sums` over an mpi4py communicator (e.g. the grid's data communicator) in one call."""
     keys = sorted(sums)
@@ -229,13 +210,3 @@ def _mixture_crps(m: Tensor, s: Tensor, y: Tensor) -> Tensor:
     )
     spread = (2 * pairs + 2 / math.sqrt(math.pi) * s.sum(0)) / samples**2
     return near - 0.5 * spread
-
-
-def _mixture_quantile(m: Tensor, s: Tensor, q: float, steps: int = 64) -> Tensor:
-    lo = (m - 40 * s).min(0).values
-    hi = (m + 40 * s).max(0).values
-    for _ in range(steps):
-        mid = (lo + hi) / 2
-        below = torch.special.ndtr((mid - m) / s).mean(0) < q
-        lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
-    return (lo + hi) / 2
