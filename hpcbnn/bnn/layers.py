@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +31,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from hpcbnn.bnn.noise import current, example_noise, next_key, weight_noise
 from hpcbnn.errors import UsageError
 
-ESTIMATORS = ("reparam", "flipout", "local")
+Estimator = Literal["reparam", "flipout", "local"]
+ESTIMATORS: tuple[Estimator, ...] = get_args(Estimator)
 
 
 def inverse_softplus(y: float) -> float:

@@ -10,11 +10,14 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal, get_args
 
 from torch import nn
 
 from hpcbnn.errors import UsageError
+
+ModelName = Literal["mlp", "resnet", "vit", "swin"]
+MODELS: tuple[ModelName, ...] = get_args(ModelName)
 
 
 def mlp(in_features: int, hidden: Sequence[int], out_features: int) -> nn.Sequential:
@@ -99,8 +102,8 @@ def build_model(
     shape = tuple(input_shape)
     if name == "mlp":
         return mlp(math.prod(shape), hidden, num_outputs)
-    if name not in ("resnet", "vit", "swin"):
-        raise UsageError(f"unknown model {name!r}: choose one of mlp, resnet, vit, swin")
+    if name not in MODELS:
+        raise UsageError(f"unknown model {name!r}: choose one of {', '.join(MODELS)}")
     if len(shape) != 3:
         raise UsageError(
             f"--model {name} needs images of shape (channels, height, width), the data has {shape}; use --model mlp"

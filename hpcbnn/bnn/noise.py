@@ -60,15 +60,15 @@ class Sampling:
     batch: slice | None
     global_batch: int | None
 
-    def local_batch(self, rows: int) -> tuple[int, slice]:
-        """(global batch, this rank's rows) for an input of `rows` = k*B_local rows."""
+    def split_rows(self, n_rows: int) -> tuple[int, slice]:
+        """(global batch, this rank's rows of it) for a sample-major input of `n_rows` = k*B_local rows."""
         k = len(self.samples)
-        if rows % k:
+        if n_rows % k:
             raise UsageError(
-                f"input has {rows} rows, not a multiple of the {k} samples in sampling(); "
+                f"input has {n_rows} rows, not a multiple of the {k} samples in sampling(); "
                 f"stack the batch once per sample (sample-major)"
             )
-        b = rows // k
+        b = n_rows // k
         batch = self.batch or slice(0, b)
         if batch.stop - batch.start != b:
             raise UsageError(
@@ -158,9 +158,9 @@ def weight_noise(
 
 
 def example_noise(
-    key: int, rows: int, shape: Sequence[int], dtype: torch.dtype, device: torch.device, kind: str = "normal"
+    key: int, n_rows: int, shape: Sequence[int], dtype: torch.dtype, device: torch.device, kind: str = "normal"
 ) -> torch.Tensor:
-    """Per-example noise [rows, *shape] for a sample-major input of `rows` = k*B_local rows.
+    """Per-example noise [n_rows, *shape] for a sample-major input of `n_rows` = k*B_local rows.
 
     `kind` is "normal" or "sign" (+-1). Drawn for the global batch, the rank's rows taken.
     """
@@ -172,9 +172,9 @@ def example_noise(
 
     ctx = current()
     if ctx is None:
-        return sample(torch.empty(rows, *shape, dtype=dtype, device=device), None)
-    global_batch, batch = ctx.local_batch(rows)
+        return sample(torch.empty(n_rows, *shape, dtype=dtype, device=device), None)
+    global_batch, batch = ctx.split_rows(n_rows)
     k = len(ctx.samples)
     full = torch.empty(k, global_batch, *shape, dtype=dtype, device=device)
     _draw(full, ctx, key, EXAMPLES, sample)
-    return full[:, batch].reshape(rows, *shape)
+    return full[:, batch].reshape(n_rows, *shape)

@@ -16,6 +16,7 @@ Padding is zero in normalised units, i.e. the channel mean.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,9 @@ import torch.nn.functional as F
 from hpcbnn.errors import UsageError
 
 Augmentation = Callable[[torch.Tensor, torch.Generator, slice, int], torch.Tensor]
+"""aug(x, generator, rows, global_batch) -> augmented x: the one type of an augmentation."""
+AugmentName = Literal["none", "flip", "crop", "cifar"]
+AUGMENT_NAMES: tuple[AugmentName, ...] = get_args(AugmentName)
 PADDING = 4
 
 

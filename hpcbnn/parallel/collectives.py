@@ -14,6 +14,7 @@ import os
 import socket
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
+from typing import Literal, get_args
 
 import torch
 from mpi4py import MPI
@@ -21,7 +22,8 @@ from torch import Tensor
 
 from hpcbnn.parallel.grid import Axis, ProcessGrid
 
-BACKENDS = ("horovod", "torch")
+Backend = Literal["horovod", "torch"]
+BACKENDS: tuple[Backend, ...] = get_args(Backend)
 
 
 class Collectives(ABC):
@@ -74,7 +76,7 @@ class _Gather(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, tensor: Tensor, comm: Collectives, axis: Axis) -> Tensor:  # type: ignore[override]
-        ctx.comm, ctx.axis, ctx.rows = comm, axis, tensor.shape[0]
+        ctx.comm, ctx.axis, ctx.n_rows = comm, axis, tensor.shape[0]
         return comm._gather(tensor.contiguous(), axis)
 
     @staticmethod
@@ -82,7 +84,7 @@ class _Gather(torch.autograd.Function):
         grad = grad.contiguous().clone()
         ctx.comm.allreduce_([grad], ctx.axis, average=False)
         rank = ctx.comm.grid.comm(ctx.axis).Get_rank()
-        return grad.narrow(0, rank * ctx.rows, ctx.rows), None, None
+        return grad.narrow(0, rank * ctx.n_rows, ctx.n_rows), None, None
 
 
 class HorovodCollectives(Collectives):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -24,13 +25,16 @@ from hpcbnn.errors import UsageError
 from hpcbnn.parallel.collectives import Collectives
 from hpcbnn.parallel.grid import ProcessGrid
 
-OBJECTIVES = {"elbo": elbo_loss, "predictive": predictive_loss}
+if TYPE_CHECKING:
+    from hpcbnn.data.augment import Augmentation
+
+Objective = Literal["elbo", "predictive"]
+AugmentMode = Literal["per-sample", "per-rank", "shared"]
+OBJECTIVES: dict[str, Callable[..., Tensor]] = {"elbo": elbo_loss, "predictive": predictive_loss}
 LIKELIHOODS = {"categorical": categorical_loglik, "gaussian": gaussian_loglik}
-AUGMENT_MODES = ("per-sample", "per-rank", "shared")
+AUGMENT_MODES: tuple[AugmentMode, ...] = get_args(AugmentMode)
 EVAL_STEP = -1  # a noise stream of its own: evaluation never reuses a training step's weights
 AUGMENT_KEY, AUGMENT_STREAM = 0xA06, 2  # augmentation seeds never collide with any layer's noise
-
-Augment = Callable[[Tensor, torch.Generator, slice, int], Tensor]
 
 
 @dataclass
@@ -62,7 +66,7 @@ class Engine:
         objective: str = "elbo",
         likelihood: str = "categorical",
         kl_weight: float = 1.0,
-        augment: Augment | None = None,
+        augment: Augmentation | None = None,
         augment_mode: str = "per-sample",
         hierarchical: bool = False,
         clip_grad: float | None = None,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import socket
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from mpi4py import MPI
@@ -22,7 +22,7 @@ from hpcbnn.errors import UsageError
 
 Mode = Literal["sample", "data", "hybrid"]
 Axis = Literal["sample", "data", "world"]
-MODES: tuple[Mode, ...] = ("sample", "data", "hybrid")
+MODES: tuple[Mode, ...] = get_args(Mode)
 
 
 @dataclass(frozen=True)

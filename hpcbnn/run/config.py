@@ -16,7 +16,13 @@ from typing import Literal, Optional, TypeVar, Union
 import yaml
 from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser, set_parsing_settings
 
+from hpcbnn.bnn.layers import Estimator
+from hpcbnn.bnn.models import ModelName
+from hpcbnn.data.augment import AugmentName
 from hpcbnn.errors import UsageError, world_rank
+from hpcbnn.parallel.collectives import Backend
+from hpcbnn.parallel.engine import AugmentMode, Objective
+from hpcbnn.parallel.grid import Mode
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
 T = TypeVar("T")
@@ -28,7 +34,7 @@ class Config:
 
     data: Optional[str] = None
     """HDF5 file in hpcbnn's format (python -m hpcbnn.data converts); default: the bundled digits set."""
-    model: Literal["mlp", "resnet", "vit", "swin"] = "mlp"
+    model: ModelName = "mlp"
     """Network: MLP, CIFAR-style ResNet-18, the paper's small ViT, or torchvision's Swin-T."""
     hidden: list[int] = field(default_factory=lambda: [128, 128])
     """Hidden layer widths of the MLP."""
@@ -38,13 +44,13 @@ class Config:
     """A local file with deterministic weights (a state_dict) to centre the posterior on."""
     prior_scale: float = 1.0
     """Standard deviation of the Gaussian prior on every weight."""
-    estimator: Literal["reparam", "flipout", "local"] = "reparam"
+    estimator: Estimator = "reparam"
     """Gradient estimator of the Bayesian layers."""
-    mode: Literal["sample", "data", "hybrid"] = "sample"
+    mode: Mode = "sample"
     """Parallelism: sample splits the MC samples over ranks, data the batch, hybrid both (K x D)."""
     sample_group: Optional[int] = None
     """hybrid: K ranks per sample group (default: the ranks per node)."""
-    backend: Literal["horovod", "torch"] = "horovod"
+    backend: Backend = "horovod"
     """Collectives: Horovod over MPI, or torch.distributed (Gloo on CPU, NCCL on GPU)."""
     reduction: Literal["world", "hierarchical"] = "world"
     """Gradient averaging: one call over all ranks, or over the sample then the data communicator."""
@@ -58,7 +64,7 @@ class Config:
     """Passes over the training split."""
     max_steps: Optional[int] = None
     """Stop after this many optimizer steps (for short tests); None runs all epochs."""
-    objective: Literal["elbo", "predictive"] = "elbo"
+    objective: Objective = "elbo"
     """ELBO (mean log-likelihood), or the predictive objective (log of the sample-averaged likelihood)."""
     kl_weight: float = 1.0
     """Weight of KL/N in the loss (a posterior temperature: <1 is a cold posterior)."""
@@ -80,9 +86,9 @@ class Config:
     """Mixed precision (bfloat16 autocast) on GPU; ignored on CPU."""
     dtype: Literal["float32", "float64"] = "float32"
     """Parameter precision (float64 for exactness checks)."""
-    augment: Literal["none", "flip", "cifar"] = "none"
+    augment: AugmentName = "none"
     """Batched image augmentation."""
-    augment_mode: Literal["per-sample", "per-rank", "shared"] = "per-sample"
+    augment_mode: AugmentMode = "per-sample"
     """Augmentation randomness: per MC sample (partition-invariant), per rank (the paper's), or shared."""
     seed: int = 0
     """Seeds weight noise, data order and augmentation."""
