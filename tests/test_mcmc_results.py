@@ -82,3 +82,52 @@ def test_plots_are_pngs(tmp_path) -> None:
         path = plot(post, tmp_path / f"{plot.__name__}.png")
         data = path.read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_inference_data_regroups_vector_and_matrix_latents(tmp_path) -> None:
+    """`w[i,j]` scalars go back into one array w at [i, j], whatever their column order."""
+    g = np.random.default_rng(9)
+    names = ["sigma", "w[1,0]", "w[0,0]", "w[0,1]", "w[1,1]", "w[2,0]", "w[2,1]", "b[0]", "b[1]"]
+    stats = {"accept_prob": g.random((2, 5)), "n_leapfrog": np.full((2, 5), 7), "diverging": np.zeros((2, 5), bool),
+             "energy": g.standard_normal((2, 5)), "tree_depth": np.full((2, 5), 3)}
+    post = results.Posterior(g.standard_normal((2, 5, len(names))), names, stats, np.array([0.1, 0.2]),
+                             np.ones((2, len(names))))
+    path = results.save(post, diagnostics.summary(post.draws), tmp_path / "draws.h5", {"model": "test"})
+    idata = results.to_inference_data(path)
+    w = idata.posterior["w"].values
+    assert w.shape == (2, 5, 3, 2) and idata.posterior["b"].shape == (2, 5, 2)
+    for col, name in enumerate(names):
+        if name.startswith("w["):
+            i, j = map(int, name[2:-1].split(","))
+            np.testing.assert_array_equal(w[:, :, i, j], post.draws[:, :, col])
+    np.testing.assert_array_equal(idata.posterior["sigma"].values, post.draws[:, :, 0])
+    np.testing.assert_array_equal(idata.sample_stats["acceptance_rate"].values, stats["accept_prob"])
+    np.testing.assert_array_equal(idata.sample_stats["step_size"].values[:, 3], [0.1, 0.2])
+    assert idata.attrs["model"] == "test"
+
+
+@pytest.mark.mpi
+def test_a_sampler_run_opens_in_arviz(tmp_path) -> None:
+    """A real `python -m hpcbnn.mcmc` file: ArviZ's own summary agrees with the one in the file."""
+    from tests.mpi import run_mpi
+
+    az = pytest.importorskip("arviz")
+    args = ["-m", "hpcbnn.mcmc", "--model", "eight_schools", "--chains", "4", "--warmup", "60", "--draws", "40",
+            "--plots", "false", "--out", str(tmp_path)]
+    result = run_mpi(2, args, timeout=120)
+    assert result.returncode == 0, result.output[-3000:]
+    idata = results.to_inference_data(tmp_path / "draws.h5")
+    post = idata.posterior
+    assert dict(post.sizes) == {"chain": 4, "draw": 40, "theta_tilde_dim_0": 8}
+    assert sorted(post.data_vars) == ["mu", "tau", "theta_tilde"] and float(post["tau"].min()) > 0
+    assert {"acceptance_rate", "n_steps", "tree_depth", "diverging", "energy", "step_size"} <= set(
+        idata.sample_stats.data_vars)
+    assert idata.attrs["model"] == "eight_schools" and idata.attrs["ranks"] == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        table = az.summary(idata, round_to="none")
+    _, names, _ = results.load(tmp_path / "draws.h5")
+    assert list(table.index) == names
+    with h5py.File(tmp_path / "draws.h5") as f:
+        for ours, theirs in [("mean", "mean"), ("sd", "sd"), ("ess_bulk", "ess_bulk"), ("r_hat", "r_hat")]:
+            np.testing.assert_allclose(table[theirs].to_numpy(), f[f"summary/{ours}"][()], rtol=1e-8)

@@ -14,6 +14,7 @@ communicator's shards with one Allreduce per leapfrog step.
 from hpcbnn.mcmc.diagnostics import ess_bulk, ess_tail, rhat, summary
 from hpcbnn.mcmc.hmc import Phase, Stats, Target, hmc, leapfrog
 from hpcbnn.mcmc.nuts import nuts
+from hpcbnn.mcmc.results import to_inference_data
 from hpcbnn.mcmc.sampler import Draws, sample
 from hpcbnn.mcmc.target import Layout, ModelTarget, ShardedSum
 
@@ -33,4 +34,5 @@ __all__ = [
     "rhat",
     "sample",
     "summary",
+    "to_inference_data",
 ]

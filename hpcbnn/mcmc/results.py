@@ -7,15 +7,19 @@ HDF5 layout (written to a temporary file, then renamed, so a file that exists is
     /adaptation/step_size  [chains]   /adaptation/inv_mass [chains, dim] (unconstrained space)
     /summary/<column>      [parameters]  mean, sd, q5, q50, q95, mcse_mean, ess_bulk, ess_tail, r_hat
     /                      attrs: the run's options (model, kernel, seed, ...)
+
+`to_inference_data(path)` opens such a file as an ArviZ InferenceData.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import h5py
 import numpy as np
@@ -26,6 +30,12 @@ from torch import Tensor
 from hpcbnn.mcmc import diagnostics
 from hpcbnn.mcmc.sampler import Draws
 from hpcbnn.parallel.grid import ProcessGrid
+
+if TYPE_CHECKING:
+    import arviz
+
+ARVIZ_STATS = {"accept_prob": "acceptance_rate", "n_leapfrog": "n_steps"}
+"""Sample statistics whose name differs in ArviZ's convention (the others share theirs)."""
 
 
 @dataclass
@@ -98,6 +108,45 @@ def load(path: Path | str) -> tuple[np.ndarray, list[str], dict[str, np.ndarray]
     with h5py.File(path, "r") as f:
         names = [n.decode() if isinstance(n, bytes) else str(n) for n in f["draws"].attrs["names"]]
         return f["draws"][()], names, {k: v[()] for k, v in f["sample_stats"].items()}
+
+
+def to_inference_data(path: Path | str) -> arviz.InferenceData:
+    """The draws file of `python -m hpcbnn.mcmc` as an ArviZ InferenceData, for its plots and diagnostics.
+
+    posterior: one variable per latent with dims (chain, draw, <name>_dim_0, ...), the
+    scalars `theta[0]`, `theta[1]`, ... of a vector back in one array `theta`;
+    sample_stats: the sampler's statistics under ArviZ's names, with each chain's adapted
+    step size per draw; `.attrs`: the run's options. ArviZ is imported here only.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # ArviZ 0.2x announces its 1.0 refactor on import
+        import arviz
+
+    draws, names, stats = load(path)
+    with h5py.File(path, "r") as f:
+        step_size = f["adaptation/step_size"][()]
+        attrs = {k: v.item() if isinstance(v, np.generic) else v for k, v in f.attrs.items()}
+    chains, n = draws.shape[:2]
+    posterior = {name: draws[:, :, cols].reshape(chains, n, *shape) for name, cols, shape in _latents(names)}
+    sample_stats = {ARVIZ_STATS.get(k, k): v for k, v in stats.items()}
+    sample_stats["step_size"] = np.broadcast_to(step_size[:, None], (chains, n)).copy()
+    return arviz.from_dict(posterior=posterior, sample_stats=sample_stats, attrs=attrs)
+
+
+def _latents(names: list[str]) -> list[tuple[str, np.ndarray, tuple[int, ...]]]:
+    """Group the scalar names `w[0,1]` of each latent: (latent, its columns in row-major order, its shape)."""
+    index: dict[str, dict[tuple[int, ...], int]] = {}
+    for col, name in enumerate(names):
+        m = re.fullmatch(r"(.+)\[([\d,]+)\]", name)
+        latent, at = (m[1], tuple(int(i) for i in m[2].split(","))) if m else (name, ())
+        index.setdefault(latent, {})[at] = col
+    out = []
+    for latent, cols in index.items():
+        shape = tuple(max(at[d] for at in cols) + 1 for d in range(len(next(iter(cols)))))
+        if len(cols) != int(np.prod(shape)):
+            raise ValueError(f"{latent}: the indices of its {len(cols)} scalars do not fill a {shape} array")
+        out.append((latent, np.array([cols[at] for at in np.ndindex(*shape)]), shape))
+    return out
 
 
 def table(summary: Mapping[str, np.ndarray], names: list[str]) -> str:
