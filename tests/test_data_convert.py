@@ -299,3 +299,17 @@ def test_default_dataset_goes_to_the_cache(tmp_path: Path, monkeypatch: pytest.M
     with h5py.File(path, "r+") as f:
         f.attrs["schema_version"] = 0  # an old cache is replaced, not used
     assert open_dataset(default_dataset(), "test").n == 360
+
+
+def test_diabetes_command_writes_a_valid_regression_file(tmp_path: Path) -> None:
+    from sklearn.datasets import load_diabetes
+
+    main(["--quiet", "diabetes", str(tmp_path / "diabetes.h5")])
+    infos = {s: open_dataset(tmp_path / "diabetes.h5", s) for s in ("train", "val", "test")}
+    assert [infos[s].n for s in infos] == [266, 88, 88]
+    assert all(i.task == "regression" and i.input_shape == (10,) and i.num_classes == 1 for i in infos.values())
+    data = stored(tmp_path / "diabetes.h5")
+    assert data["train"][1].shape == (266, 1) and data["train"][0].dtype == np.float32
+    np.testing.assert_allclose(infos["train"].target_mean, data["train"][1].mean(0), rtol=1e-5)
+    y = load_diabetes().target
+    assert np.array_equal(np.sort(np.concatenate([d[1][:, 0] for d in data.values()])), np.sort(y))

@@ -59,14 +59,18 @@ def parser() -> argparse.ArgumentParser:
     top.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = _command(sub, "digits", convert.convert_digits, "scikit-learn's bundled digits (the default data set)")
-    p.add_argument(
-        "out",
-        type=Path,
-        nargs="?",
-        default=convert.cache_dir() / "digits.h5",
-        help="output file (default: %(default)s)",
-    )
+    for name, fn, what in (
+        ("digits", convert.convert_digits, "scikit-learn's bundled digits (the default data set)"),
+        ("diabetes", convert.convert_diabetes, "scikit-learn's bundled diabetes regression set"),
+    ):
+        p = _command(sub, name, fn, what)
+        p.add_argument(
+            "out",
+            type=Path,
+            nargs="?",
+            default=convert.cache_dir() / f"{name}.h5",
+            help="output file (default: %(default)s)",
+        )
 
     for name, inputs, what in (
         ("npz", ["IN.npz"], "a NumPy .npz with x, y or x_train, y_train [, x_val, y_val, x_test, y_test]"),
@@ -160,8 +164,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "info":
         print(describe(args.path, verify=True))
         return
-    if args.command == "digits":
-        out = convert.convert_digits(args.out, progress=progress)
+    if args.command in ("digits", "diabetes"):
+        out = getattr(convert, f"convert_{args.command}")(args.out, progress=progress)
     elif args.command in ("npz", "npy"):
         inputs = [args.in_path] if args.command == "npz" else [args.x_path, args.y_path]
         fn = convert.convert_npz if args.command == "npz" else convert.convert_npy

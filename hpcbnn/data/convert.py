@@ -15,6 +15,7 @@ import os
 import pickle
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -24,6 +25,8 @@ from hpcbnn.errors import UsageError
 BLOCK_BYTES = 8 * 1024 * 1024
 DIGITS_COUNTS = {"train": 1257, "val": 180, "test": 360}
 DIGITS_SEED = 0
+DIABETES_COUNTS = {"train": 266, "val": 88, "test": 88}  # 60/20/20
+DIABETES_SEED = 0
 
 
 def split_indices(n: int, n_val: int, n_test: int, seed: int) -> dict[str, np.ndarray]:
@@ -478,22 +481,56 @@ def _is_number(text: str) -> bool:
     return True
 
 
+def _write_fixed_split(
+    out: Path | str, x: np.ndarray, y: np.ndarray, counts: Mapping[str, int], seed: int, **attrs: Any
+) -> Path:
+    """A bundled set split by a fixed seeded permutation (`split_indices`), so every copy is the same file."""
+    parts = split_indices(len(y), counts["val"], counts["test"], seed)
+    return write_arrays(out, {s: (x, y, rows) for s, rows in parts.items()}, **attrs)
+
+
 def convert_digits(out: Path | str, progress: bool = False) -> Path:
     """scikit-learn's bundled digits (1797 8x8 images, values 0..16) as [N, 1, 8, 8] float32,
     split by a fixed seeded permutation into 1257 train / 180 val / 360 test."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    x = digits.data.astype(np.float32).reshape(-1, 1, 8, 8)
-    y = digits.target.astype(np.int64)
-    parts = split_indices(len(y), DIGITS_COUNTS["val"], DIGITS_COUNTS["test"], DIGITS_SEED)
-    return write_arrays(
+    return _write_fixed_split(
         out,
-        {s: (x, y, rows) for s, rows in parts.items()},
+        digits.data.astype(np.float32).reshape(-1, 1, 8, 8),
+        digits.target.astype(np.int64),
+        DIGITS_COUNTS,
+        DIGITS_SEED,
         task="classification",
         num_classes=10,
         source="sklearn.datasets.load_digits",
         class_names=[str(c) for c in digits.target_names],
+        progress=progress,
+    )
+
+
+def diabetes_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled diabetes regression set, unscaled: x [442, 10], y [442, 1] float32
+    (disease progression after one year), so the statistics come from the training split only."""
+    from sklearn.datasets import load_diabetes
+
+    x, y = load_diabetes(return_X_y=True, scaled=False)
+    return x.astype(np.float32), y.astype(np.float32).reshape(-1, 1)
+
+
+def convert_diabetes(out: Path | str, progress: bool = False) -> Path:
+    """scikit-learn's bundled diabetes regression set (442 patients, 10 features, 1 target),
+    split by a fixed seeded permutation into 266 train / 88 val / 88 test."""
+    x, y = diabetes_arrays()
+    return _write_fixed_split(
+        out,
+        x,
+        y,
+        DIABETES_COUNTS,
+        DIABETES_SEED,
+        task="regression",
+        num_classes=1,
+        source="sklearn.datasets.load_diabetes",
         progress=progress,
     )
 

@@ -1,0 +1,230 @@
+"""Does the BNN's regression uncertainty pay? The default BNN against a deterministic net and a deep ensemble.
+
+    python -m benchmarks.uq_regression [--quick | --smoke]
+
+Data: scikit-learn's bundled diabetes set (442 x 10, one target), split 60/20/20 by
+`split_indices` with seeds 0..splits-1 (seed 0 is the split of `python -m hpcbnn.data
+diabetes`); inputs and targets standardised with the training split's statistics. Every
+method is the same MLP 10-50-2 with a heteroscedastic Gaussian head (mean, raw scale),
+trained with Adam on batches of 32 for the same number of epochs:
+
+- bnn: `bayesianize` with the library defaults, the ELBO with K weight samples per step
+  inside `sampling`, predictive = the mixture of S samples;
+- deterministic: Gaussian NLL, MAP with weight decay (coupled L2, i.e. a Gaussian prior);
+- ensemble: 5 deterministic nets from different initialisations and batch orders, with the
+  deterministic net's chosen settings, predictive = their mixture.
+
+After every epoch each run is scored on the validation split, and it keeps its parameters
+from the epoch with the best validation NLL (stopping 50 epochs after it); the learning rate (and the weight decay) of
+each method is the one whose best validation NLL is lowest. The test split is only used
+for the reported metrics (`hpcbnn.uq.metrics.regression_metrics`, in the target's original
+units), averaged over the splits with their standard error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+import hpcbnn
+from hpcbnn.bnn.models import mlp
+from hpcbnn.bnn.objectives import gaussian_params
+from hpcbnn.data.convert import DIABETES_COUNTS, diabetes_arrays, split_indices
+from hpcbnn.optim import make_optimizer
+from hpcbnn.uq.metrics import regression_metrics
+
+DATASET = "diabetes"
+HIDDEN = (50,)
+BATCH = 32
+TRAIN_SAMPLES = 4  # weight samples per ELBO step
+EVAL_SAMPLES = 64  # weight samples of the BNN's predictive
+MEMBERS = 5
+PATIENCE = 50  # epochs without a better validation NLL before a run stops
+METHODS = ("bnn", "deterministic", "ensemble")
+KEYS = ("rmse", "nll", "crps", "coverage_50", "coverage_90", "coverage_95")
+
+
+@dataclass(frozen=True)
+class Budget:
+    splits: int
+    epochs: int
+    lrs: tuple[float, ...]
+    weight_decays: tuple[float, ...]
+
+
+BUDGETS = {
+    "full": Budget(splits=5, epochs=300, lrs=(3e-3, 1e-2, 3e-2), weight_decays=(1e-2, 3e-2, 1e-1, 3e-1)),
+    "quick": Budget(splits=2, epochs=150, lrs=(3e-3, 1e-2), weight_decays=(3e-2, 1e-1)),
+    "smoke": Budget(splits=1, epochs=5, lrs=(1e-2,), weight_decays=(1e-1,)),
+}
+
+
+@dataclass(frozen=True)
+class Split:
+    """Standardised inputs and targets per split, and the target scale to undo it."""
+
+    x: dict[str, Tensor]
+    y: dict[str, Tensor]
+    y_mean: float
+    y_std: float
+
+
+def load_split(seed: int) -> Split:
+    x, y = diabetes_arrays()
+    rows = split_indices(len(y), DIABETES_COUNTS["val"], DIABETES_COUNTS["test"], seed)
+    train_x, train_y = x[rows["train"]], y[rows["train"]]
+    x_mean, x_std = train_x.mean(0), train_x.std(0)
+    y_mean, y_std = float(train_y.mean()), float(train_y.std())
+    return Split(
+        x={s: torch.from_numpy((x[r] - x_mean) / x_std) for s, r in rows.items()},
+        y={s: torch.from_numpy((y[r] - y_mean) / y_std) for s, r in rows.items()},
+        y_mean=y_mean,
+        y_std=y_std,
+    )
+
+
+def build(in_features: int, bayesian: bool, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    model = mlp(in_features, HIDDEN, 2)
+    return hpcbnn.bayesianize(model) if bayesian else model
+
+
+def predict(model: nn.Module, x: Tensor, bayesian: bool, seed: int) -> Tensor:
+    """Head outputs [S, N, 2] of the predictive's components: EVAL_SAMPLES weight samples of a BNN, else 1."""
+    with torch.no_grad():
+        if not bayesian:
+            return model(x)[None]
+        with hpcbnn.sampling(seed, -1, range(EVAL_SAMPLES)):  # step -1: noise no training step used
+            return model(x.repeat(EVAL_SAMPLES, 1)).view(EVAL_SAMPLES, len(x), -1)
+
+
+def train(
+    split: Split, bayesian: bool, lr: float, weight_decay: float, seed: int, budget: Budget
+) -> tuple[nn.Module, int, float]:
+    """One run; returns the model at its best validation epoch, that epoch and its validation NLL."""
+    x, y = split.x["train"], split.y["train"]
+    model = build(x.shape[1], bayesian, seed)
+    optimizer = make_optimizer(model, "adam", lr, weight_decay=weight_decay)
+    order = torch.Generator().manual_seed(seed)
+    best: tuple[float, int, dict[str, Tensor]] = (math.inf, 0, {})
+    step = 0
+    for epoch in range(1, budget.epochs + 1):
+        for rows in torch.randperm(len(y), generator=order).split(BATCH):
+            k = TRAIN_SAMPLES if bayesian else 1
+            with hpcbnn.sampling(seed, step, range(k)) if bayesian else nullcontext():
+                out = model(x[rows].repeat(k, 1)).view(k, len(rows), -1)
+            loglik = hpcbnn.gaussian_loglik(out, y[rows])
+            loss = hpcbnn.elbo_loss(loglik, hpcbnn.kl_divergence(model), len(y)) if bayesian else -loglik.mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+        loglik = hpcbnn.gaussian_loglik(predict(model, split.x["val"], bayesian, seed), split.y["val"])
+        nll = float(hpcbnn.predictive_loss(loglik, torch.zeros(()), len(y)))  # the mixture's NLL per example
+        if nll < best[0]:
+            best = (nll, epoch, copy.deepcopy(model.state_dict()))
+        elif epoch - best[1] >= PATIENCE:
+            break
+    model.load_state_dict(best[2])
+    return model, best[1], best[0]
+
+
+def select(split: Split, bayesian: bool, seed: int, budget: Budget) -> tuple[nn.Module, dict[str, float]]:
+    """The run whose best validation NLL is lowest over the learning rates (and weight decays)."""
+    decays = (0.0,) if bayesian else budget.weight_decays
+    runs = [(train(split, bayesian, lr, wd, seed, budget), lr, wd) for lr in budget.lrs for wd in decays]
+    (model, epoch, nll), lr, wd = min(runs, key=lambda r: r[0][2])
+    return model, {"lr": lr, "weight_decay": wd, "epochs": epoch, "val_nll": nll}
+
+
+def test_metrics(split: Split, out: Tensor) -> dict[str, float]:
+    """The six reported metrics of the mixture of the S Gaussians of `out` [S, N, 2], in the target's original units."""
+    mean, std = gaussian_params(out)
+    m = regression_metrics(
+        mean * split.y_std + split.y_mean, std * split.y_std, split.y["test"] * split.y_std + split.y_mean
+    )
+    return {
+        "rmse": m["rmse"],
+        "nll": m["nll"],
+        "crps": m["crps"],
+        **{f"coverage_{round(100 * float(a))}": v for a, v in m["coverage"].items()},
+    }
+
+
+def evaluate_split(seed: int, budget: Budget) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
+    """Test metrics and the chosen settings of the three methods on split `seed`."""
+    split = load_split(seed)
+    x = split.x["test"]
+    bnn, bnn_choice = select(split, True, seed, budget)
+    det, det_choice = select(split, False, seed, budget)
+    lr, wd = det_choice["lr"], det_choice["weight_decay"]
+    members = [det, *(train(split, False, lr, wd, seed + 1000 * (i + 1), budget)[0] for i in range(MEMBERS - 1))]
+    ensemble = torch.cat([predict(m, x, False, seed) for m in members])
+    metrics = {
+        "bnn": test_metrics(split, predict(bnn, x, True, seed)),
+        "deterministic": test_metrics(split, ensemble[:1]),
+        "ensemble": test_metrics(split, ensemble),
+    }
+    return metrics, {"bnn": bnn_choice, "deterministic": det_choice}
+
+
+def run(quick: bool = False, smoke: bool = False) -> dict:
+    """The protocol at the full, quick or smoke budget; metrics are means over the splits."""
+    budget = BUDGETS["smoke" if smoke else "quick" if quick else "full"]
+    per_split, choices = zip(*(evaluate_split(seed, budget) for seed in range(budget.splits)))
+    result: dict = {"dataset": DATASET, "splits": budget.splits, "epochs": budget.epochs}
+    stderr = {}
+    for method in METHODS:
+        values = {k: np.array([m[method][k] for m in per_split]) for k in KEYS}
+        result[method] = {k: float(v.mean()) for k, v in values.items()}
+        stderr[method] = {
+            k: float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else None for k, v in values.items()
+        }
+    result["stderr"] = stderr
+    result["selected"] = {method: [c[method] for c in choices] for method in ("bnn", "deterministic")}
+    return result
+
+
+def table(result: dict) -> str:
+    """The methods as rows, mean +- standard error over the splits, then the settings chosen on validation."""
+    lines = [
+        f"{result['dataset']}: {result['splits']} split(s), at most {result['epochs']} epochs; "
+        "RMSE and CRPS in target units, NLL per example",
+        f"{'method':<14}" + "".join(f"{k:>17}" for k in KEYS),
+    ]
+    for method in METHODS:
+        se = result["stderr"][method]
+        cells = (f"{result[method][k]:.3f}" + (f" +-{se[k]:.3f}" if se[k] is not None else "") for k in KEYS)
+        lines.append(f"{method:<14}" + "".join(f"{c:>17}" for c in cells))
+    for method, chosen in result["selected"].items():
+        runs = ", ".join(f"lr {c['lr']:g} wd {c['weight_decay']:g} epoch {c['epochs']}" for c in chosen)
+        lines.append(f"chosen on validation, {method}: {runs}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="2 splits, 150 epochs, a smaller grid (< 90 s)")
+    size.add_argument("--smoke", action="store_true", help="1 split, a few epochs: checks that it runs (< 20 s)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    result = run(quick=args.quick, smoke=args.smoke)
+    print(table(result))
+    print(f"({time.perf_counter() - start:.0f} s)")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
