@@ -29,10 +29,11 @@ from torch import Tensor
 
 from hpcbnn.mcmc import diagnostics
 from hpcbnn.mcmc.sampler import Draws
-from hpcbnn.parallel.grid import ProcessGrid
 
 if TYPE_CHECKING:
     import arviz
+
+    from hpcbnn.parallel.grid import ProcessGrid
 
 ARVIZ_STATS = {"accept_prob": "acceptance_rate", "n_leapfrog": "n_steps"}
 """Sample statistics whose name differs in ArviZ's convention (the others share theirs)."""
