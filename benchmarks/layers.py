@@ -140,8 +140,8 @@ def main() -> None:
           f"{'step mem x':>10} {'peak x':>7}")
     for model in args.models:
         r = compare(model, args)
-        print(f"{model:6} {r['t_det']:8.3f} {r['t_bayes']:8.3f} {r['time_ratio']:7.2f} {r['cpu_ratio']:6.2f} {r['mem_det']:8.0f} "
-              f"{r['mem_bayes']:9.0f} {r['mem_ratio']:10.2f} {r['peak_ratio']:7.2f}", flush=True)
+        print(f"{model:6} {r['t_det']:8.3f} {r['t_bayes']:8.3f} {r['time_ratio']:7.2f} {r['cpu_ratio']:6.2f} "
+              f"{r['mem_det']:8.0f} {r['mem_bayes']:9.0f} {r['mem_ratio']:10.2f} {r['peak_ratio']:7.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -65,7 +65,7 @@ def loader_epoch(loader: Loader) -> tuple[float, float]:
     return time.perf_counter() - start, time.process_time() - cpu
 
 
-def best(fn, *args, repeats: int = 2) -> tuple[float, float]:  # noqa: ANN001
+def best(fn, *args, repeats: int = 2) -> tuple[float, float]:
     runs = [fn(*args) for _ in range(repeats)]
     return min(r[0] for r in runs), min(r[1] for r in runs)
 
@@ -87,7 +87,7 @@ def compute(work: int) -> None:
         a = torch.tanh(a @ a)
 
 
-def timed(fn, *args) -> float:  # noqa: ANN001
+def timed(fn, *args) -> float:
     start = time.perf_counter()
     fn(*args)
     return time.perf_counter() - start

@@ -23,7 +23,7 @@ import argparse
 import json
 import os
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -82,7 +82,7 @@ def run_numpyro(x: torch.Tensor, y: torch.Tensor, mode: torch.Tensor, chains: in
     except ImportError:
         return None
 
-    def model(x, y):  # noqa: ANN001 - NumPyro model
+    def model(x, y):
         w = numpyro.sample("w", dist.Normal(jnp.zeros(x.shape[1]), 1.0).to_event(1))
         numpyro.sample("y", dist.Bernoulli(logits=x @ w), obs=y)
 
@@ -96,8 +96,8 @@ def run_numpyro(x: torch.Tensor, y: torch.Tensor, mode: torch.Tensor, chains: in
                         model_args=(xj, yj))
 
     @jax.jit
-    def run(state, x, y):  # noqa: ANN001, ANN202 - jitted once, timed on the second call
-        def body(s, _):  # noqa: ANN001, ANN202
+    def run(state, x, y):
+        def body(s, _):
             s = kernel.sample(s, (x, y), {})
             return s, (s.z["w"], s.num_steps)
         return jax.lax.scan(body, state, None, length=draws)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import os
 import shlex
@@ -41,7 +42,7 @@ def worker(args: argparse.Namespace) -> None:
     comm = make_collectives(grid, args.backend)
     torch.manual_seed(0)
     layers: list[nn.Module] = []
-    for a, b in zip(WIDTHS[:-1], WIDTHS[1:]):
+    for a, b in itertools.pairwise(WIDTHS):
         layers += [nn.Linear(a, b), nn.ReLU()]
     model = bayesianize(nn.Sequential(*layers[:-1]))
     engine = Engine(model, torch.optim.Adam(model.parameters(), lr=1e-3), grid, comm,
