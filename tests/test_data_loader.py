@@ -35,7 +35,7 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
         out = work / "records.json"
         r = run_mpi(p, [PROGRAM, str(out), *layouts], timeout=240, env={"HPCBNN_CACHE": str(work / "cache")})
         assert r.returncode == 0, r.output[-3000:]
-        assert sorted(os.listdir(work / "cache" / "data")) == ["digits.h5"]  # no temporary files left
+        assert sorted(os.listdir(work / "cache" / "data")) == ["digits-rotated.h5", "digits.h5"]  # no temporary files
         results[name] = json.loads(out.read_text())["records"]
     return results
 
