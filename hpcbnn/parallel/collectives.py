@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import socket
+import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from typing import Literal, get_args
@@ -105,15 +106,33 @@ class HorovodCollectives(Collectives):
 
     def _allreduce_(self, tensors: list[Tensor], axis: Axis, average: bool) -> None:
         op = self.hvd.Average if average else self.hvd.Sum
-        self.hvd.grouped_allreduce_(tensors, op=op, process_set=self.sets[axis])
+        name = _op_name("average" if average else "sum", axis, [(t.dtype, t.shape) for t in tensors])
+        self.hvd.grouped_allreduce_(tensors, op=op, process_set=self.sets[axis], name=name)
 
     def _broadcast_(self, tensors: list[Tensor], root: int) -> None:
-        handles = [self.hvd.broadcast_async_(t, root_rank=root) for t in tensors]
+        handles = [
+            self.hvd.broadcast_async_(t, root_rank=root, name=_op_name(f"broadcast{i}", root, [(t.dtype, t.shape)]))
+            for i, t in enumerate(tensors)
+        ]
         for handle in handles:
             self.hvd.synchronize(handle)
 
     def _gather(self, tensor: Tensor, axis: Axis) -> Tensor:
-        return self.hvd.synchronize(self.hvd.allgather_async(tensor, process_set=self.sets[axis]))
+        name = _op_name("allgather", axis, [(tensor.dtype, tensor.shape[1:])])
+        return self.hvd.synchronize(self.hvd.allgather_async(tensor, name=name, process_set=self.sets[axis]))
+
+
+def _op_name(kind: str, where: object, signature: list[tuple[torch.dtype, torch.Size]]) -> str:
+    """A Horovod name that is the same for the same call on every rank and every step.
+
+    Horovod names an unnamed collective per call (`.noname.<handle>`), so each step added
+    new entries to its response cache until, past HOROVOD_CACHE_CAPACITY (1024) of them,
+    every rank warned "A response has been evicted from cache". Named by what they move,
+    a run's collectives are a few cache entries, hit on every step. Equal names with other
+    shapes (the gather of a shorter last batch) only renegotiate; they are never mixed up.
+    """
+    digest = zlib.crc32(";".join(f"{dtype}{tuple(shape)}" for dtype, shape in signature).encode())
+    return f"hpcbnn.{kind}.{where}.{digest:08x}"
 
 
 class TorchCollectives(Collectives):
