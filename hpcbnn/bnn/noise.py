@@ -149,8 +149,10 @@ def weight_noise(
     ctx = current()
     k = 1 if ctx is None else len(ctx.samples)
     full = (k, *shape)
-    fits = reuse is not None and reuse.shape == full and reuse.dtype == dtype and reuse.device == torch.device(device)
-    out = reuse if fits else torch.empty(full, dtype=dtype, device=device)
+    if reuse is not None and reuse.shape == full and reuse.dtype == dtype and reuse.device == torch.device(device):
+        out = reuse
+    else:
+        out = torch.empty(full, dtype=dtype, device=device)
     if ctx is None:
         return out.normal_()
     _draw(out, ctx, key, WEIGHTS, lambda t, g: t.normal_(generator=g))

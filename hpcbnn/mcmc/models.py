@@ -52,7 +52,7 @@ def eight_schools(sigma: Tensor) -> None:
     mu = Normal(torch.tensor(0.0, dtype=sigma.dtype), 5.0, name="mu")
     tau = HalfCauchy(torch.tensor(5.0, dtype=sigma.dtype), name="tau")
     theta_tilde = Normal(torch.zeros(len(sigma), dtype=sigma.dtype), 1.0, name="theta_tilde")
-    Normal(mu[..., None] + tau[..., None] * theta_tilde, sigma, name="y")
+    Normal(mu.value[..., None] + tau.value[..., None] * theta_tilde.value, sigma, name="y")
 
 
 EIGHT_SCHOOLS_Y = torch.tensor([28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0], dtype=torch.float64)
@@ -128,8 +128,8 @@ def covertype_shaped(start: int, stop: int, seed: int = 0, dtype: torch.dtype = 
         xs.append(x)
         ys.append(g.random(_BLOCK) < 1 / (1 + np.exp(-x @ w_true)))
     rows = slice(start - first * _BLOCK, stop - first * _BLOCK)
-    x = torch.from_numpy(np.concatenate(xs)[rows]).to(dtype).contiguous()
-    return x, torch.from_numpy(np.concatenate(ys)[rows]).to(dtype)
+    features = torch.from_numpy(np.concatenate(xs)[rows]).to(dtype).contiguous()
+    return features, torch.from_numpy(np.concatenate(ys)[rows]).to(dtype)
 
 
 def shard_rows(n: int, rank: int, size: int) -> tuple[int, int]:

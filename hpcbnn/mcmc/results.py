@@ -71,15 +71,15 @@ def gather(
         return None
     order = np.argsort(np.concatenate([p["chains"] for p in parts]))
 
-    def join(get: Callable[[dict], np.ndarray]) -> np.ndarray:
-        return np.concatenate([get(p) for p in parts])[order]
+    def join(key: str, stat: bool = False) -> np.ndarray:
+        return np.concatenate([(p["stats"] if stat else p)[key] for p in parts])[order]
 
     return Posterior(
-        join(lambda p: p["draws"]),
+        join("draws"),
         names,
-        {k: join(lambda p, k=k: p["stats"][k]) for k in parts[0]["stats"]},
-        join(lambda p: p["step_size"]),
-        join(lambda p: p["inv_mass"]),
+        {k: join(k, stat=True) for k in parts[0]["stats"]},
+        join("step_size"),
+        join("inv_mass"),
     )
 
 

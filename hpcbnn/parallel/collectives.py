@@ -15,13 +15,16 @@ import socket
 import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
-from typing import Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, cast, get_args
 
 import torch
 from mpi4py import MPI
 from torch import Tensor
 
 from hpcbnn.parallel.grid import Axis, ProcessGrid
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 Backend = Literal["horovod", "torch"]
 BACKENDS: tuple[Backend, ...] = get_args(Backend)
@@ -76,12 +79,12 @@ class _Gather(torch.autograd.Function):
     """All-gather whose backward sums the upstream gradients of all ranks (the true adjoint)."""
 
     @staticmethod
-    def forward(ctx, tensor: Tensor, comm: Collectives, axis: Axis) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, tensor: Tensor, comm: Collectives, axis: Axis) -> Tensor:
         ctx.comm, ctx.axis, ctx.n_rows = comm, axis, tensor.shape[0]
         return comm._gather(tensor.contiguous(), axis)
 
     @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
         grad = grad.contiguous().clone()
         ctx.comm.allreduce_([grad], ctx.axis, average=False)
         rank = ctx.comm.grid.comm(ctx.axis).Get_rank()
@@ -159,12 +162,12 @@ class TorchCollectives(Collectives):
         }
         grid.world.Barrier()  # nobody leaves while a peer still builds its groups through rank 0's store
 
-    def _own_group(self, comm: MPI.Comm):  # type: ignore[no-untyped-def]
+    def _own_group(self, comm: MPI.Comm) -> ProcessGroup:
         """Every rank must create every group, in the same order; keep the one holding us."""
         members = comm.allgather(self.grid.rank)
         every = sorted({tuple(g) for g in self.grid.world.allgather(members)})
         groups = {g: self.dist.new_group(list(g)) for g in every}
-        return groups[tuple(members)]
+        return cast("ProcessGroup", groups[tuple(members)])  # a member's group, never NON_GROUP_MEMBER
 
     def _allreduce_(self, tensors: list[Tensor], axis: Axis, average: bool) -> None:
         flat = torch.cat([t.reshape(-1) for t in tensors])
