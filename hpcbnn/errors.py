@@ -24,7 +24,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -98,7 +98,7 @@ def entry_point(prog: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
 
     def wrap(main: Callable[..., T]) -> Callable[..., T]:
         @functools.wraps(main)
-        def run(*args, **kwargs):  # type: ignore[no-untyped-def]
+        def run(*args: Any, **kwargs: Any) -> T:
             try:
                 return main(*args, **kwargs)
             except SystemExit:

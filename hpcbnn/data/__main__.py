@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
         out = getattr(convert, f"convert_{args.command}")(args.out, progress=progress)
     elif args.command in ("npz", "npy"):
         inputs = [args.in_path] if args.command == "npz" else [args.x_path, args.y_path]
-        fn = convert.convert_npz if args.command == "npz" else convert.convert_npy
+        fn: Callable[..., Path] = convert.convert_npz if args.command == "npz" else convert.convert_npy
         out = fn(
             *inputs,
             args.out,

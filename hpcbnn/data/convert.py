@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from hpcbnn.data.format import SCHEMA_VERSION, SPLITS, DatasetWriter, find_bad_values, open_h5
+from hpcbnn.data.format import SCHEMA_VERSION, SPLITS, TASKS, DatasetWriter, Task, find_bad_values, open_h5
 from hpcbnn.errors import UsageError
 
 BLOCK_BYTES = 8 * 1024 * 1024
@@ -60,13 +60,15 @@ def stored_dtype(x: np.ndarray) -> np.dtype:
 
 def as_targets(
     ys: Sequence[np.ndarray], task: str, num_classes: int | None, source: str
-) -> tuple[str, list[np.ndarray], int]:
+) -> tuple[Task, list[np.ndarray], int]:
     """The task (inferred when 'auto'), the targets as stored and the output size."""
     if task == "auto":
         task = "classification" if all(y.ndim == 1 and y.dtype.kind in "iub" for y in ys) else "regression"
+    if task not in TASKS:
+        raise UsageError(f"{source}: unknown task {task!r}: choose auto or one of {', '.join(TASKS)}")
     if task == "regression":
         ys = [np.asarray(y, np.float32).reshape(len(y), -1) for y in ys]
-        return task, ys, ys[0].shape[1]
+        return "regression", ys, ys[0].shape[1]
     if any(y.ndim != 1 for y in ys):
         raise UsageError(
             f"{source}: classification labels must be one number per example, "
@@ -77,7 +79,7 @@ def as_targets(
             f"{source}: classification labels must be whole numbers; use --task regression for real-valued targets"
         )
     ys = [y.astype(np.int64) for y in ys]
-    return task, ys, num_classes or int(max(y.max() for y in ys)) + 1
+    return "classification", ys, num_classes or int(max(y.max() for y in ys)) + 1
 
 
 def _blocks(rows: np.ndarray, row_bytes: int) -> Iterator[np.ndarray]:
@@ -90,7 +92,7 @@ def write_arrays(
     out: Path | str,
     parts: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
     *,
-    task: str,
+    task: Task,
     num_classes: int,
     source: str,
     class_names: Sequence[str] | None = None,
@@ -133,12 +135,12 @@ def convert_arrays(
     """Arrays for "train" and optionally "val"/"test"; missing splits are carved out of train."""
     xs = {s: as_inputs(x, channels_last) for s, (x, _) in splits.items()}
     names = list(splits)
-    task, ys, num_classes = as_targets([splits[s][1] for s in names], task, num_classes, source)
+    kind, ys, num_classes = as_targets([splits[s][1] for s in names], task, num_classes, source)
     parts = {s: (xs[s], y, np.arange(len(y))) for s, y in zip(names, ys)}
     for s, (x, y, _) in parts.items():
         if len(x) != len(y):
             raise UsageError(f"{source}: {s} has {len(x)} inputs but {len(y)} targets")
-        _check_values(x, y, task, num_classes, f"{source}: {s}")
+        _check_values(x, y, kind, num_classes, f"{source}: {s}")
     x, y, _ = parts["train"]
     n = len(y)
     carved = split_indices(
@@ -149,7 +151,7 @@ def convert_arrays(
     )
     parts = {s: parts[s] if s in parts and s != "train" else (x, y, carved[s]) for s in SPLITS}
     return write_arrays(
-        out, parts, task=task, num_classes=num_classes, source=source, class_names=class_names, progress=progress
+        out, parts, task=kind, num_classes=num_classes, source=source, class_names=class_names, progress=progress
     )
 
 
@@ -162,7 +164,7 @@ def _check_values(x: np.ndarray, y: np.ndarray, task: str, num_classes: int, whe
             raise UsageError(f"{where}: {problem}")
 
 
-def convert_npz(path: Path | str, out: Path | str, **options: object) -> Path:
+def convert_npz(path: Path | str, out: Path | str, **options: Any) -> Path:
     """An .npz with x, y (all carved) or x_train, y_train [, x_val, y_val] [, x_test, y_test]."""
     try:
         data = np.load(path)
@@ -179,10 +181,10 @@ def convert_npz(path: Path | str, out: Path | str, **options: object) -> Path:
                 f"{path}: holds arrays {sorted(keys)}; expected x and y, or x_train and "
                 f"y_train (with optional x_val/y_val, x_test/y_test)"
             )
-    return convert_arrays(out, splits, source=str(path), **options)  # type: ignore[arg-type]
+    return convert_arrays(out, splits, source=str(path), **options)
 
 
-def convert_npy(x_path: Path | str, y_path: Path | str, out: Path | str, **options: object) -> Path:
+def convert_npy(x_path: Path | str, y_path: Path | str, out: Path | str, **options: Any) -> Path:
     """Inputs and targets as two .npy files (memory-mapped, so they may exceed memory)."""
     arrays = []
     for p in (x_path, y_path):
@@ -190,7 +192,7 @@ def convert_npy(x_path: Path | str, y_path: Path | str, out: Path | str, **optio
             arrays.append(np.load(p, mmap_mode="r"))
         except (OSError, ValueError) as exc:
             raise UsageError(f"{p}: cannot read as .npy ({exc})") from None
-    return convert_arrays(out, {"train": tuple(arrays)}, source=str(x_path), **options)  # type: ignore[arg-type]
+    return convert_arrays(out, {"train": tuple(arrays)}, source=str(x_path), **options)
 
 
 def _unpickle(path: Path) -> dict:
@@ -260,7 +262,7 @@ def convert_cifar(
     )
 
 
-IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+IDX_DTYPES = {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -321,8 +323,8 @@ def _image(path: str, mode: str, size: tuple[int, int] | None) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as img:
-            img = img.convert(mode)
+        with Image.open(path) as file:
+            img = file.convert(mode)
             if size is not None:
                 img = img.resize((size[1], size[0]), Image.Resampling.BILINEAR)
             pixels = np.asarray(img, np.uint8)
@@ -599,8 +601,9 @@ def default_dataset(comm=None) -> Path:
             error = (
                 f"cannot create the default data set in {path.parent} ({exc}); set HPCBNN_CACHE to a writable directory"
             )
-    if comm is not None:
+    if node is not None:
         node.Free()
+    if comm is not None:
         error = next((e for e in comm.allgather(error) if e), None)
     if error:
         raise UsageError(error)

@@ -81,7 +81,7 @@ def tape() -> Iterator[OrderedDict[str, Any]]:
 def _fixed(values: Mapping[str, Any]) -> Iterator[None]:
     def fix(f: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         name = kwargs.get("name")
-        if name in values:
+        if name is not None and name in values:
             kwargs["value"] = values[name]
         return traceable(f)(*args, **kwargs)
 

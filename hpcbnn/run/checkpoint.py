@@ -19,7 +19,7 @@ import re
 import struct
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 import torch
 
@@ -62,7 +62,7 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], keep:
     content = {"format": FORMAT, "step": step, "fingerprint": state_fingerprint(state["model"]), "state": state}
     with open(temporary, "wb") as file:
         writer = _HashingWriter(file)
-        torch.save(content, writer)
+        torch.save(content, cast(BinaryIO, writer))  # duck-typed: torch.save only writes and flushes
         file.write(_TRAILER.pack(_MAGIC, writer.length, writer.sha256.digest()))
         file.flush()
         os.fsync(file.fileno())
