@@ -93,7 +93,7 @@ class BayesianModule(nn.Module):
                 self.bias_mu.copy_(bias)
 
     def _pairs(self) -> list[tuple[Tensor, Tensor]]:
-        pairs = [(self.weight_mu, self.weight_rho)]
+        pairs: list[tuple[Tensor, Tensor]] = [(self.weight_mu, self.weight_rho)]
         if self.bias_mu is not None:
             pairs.append((self.bias_mu, self.bias_rho))
         return pairs
@@ -617,7 +617,7 @@ class SampleBatchNorm3d(_SampleStats, nn.BatchNorm3d):
     pass
 
 
-SAMPLE_BATCH_NORM: dict[type[_BatchNorm], type[_BatchNorm]] = {
+SAMPLE_BATCH_NORM: dict[type[nn.Module], type[_BatchNorm]] = {
     nn.BatchNorm1d: SampleBatchNorm1d,
     nn.BatchNorm2d: SampleBatchNorm2d,
     nn.BatchNorm3d: SampleBatchNorm3d,
