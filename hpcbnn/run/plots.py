@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _lookup(record: dict[str, Any], key: str) -> Any:
+def _lookup(record: Any, key: str) -> Any:
     for part in key.split("."):
         record = record.get(part) if isinstance(record, dict) else None
     return record
