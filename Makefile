@@ -13,8 +13,12 @@ setup:
 train: setup
 	OMP_NUM_THREADS=1 $(MPIRUN) -np $(NP) $(PY) -m hpcbnn.train $(ARGS)
 
+# Lint, format and types before the suite; pytest lists the slowest tests at the end.
 test: setup
-	$(PY) -m pytest -ra $(PYTEST_ARGS)
+	$(PY) -m ruff check hpcbnn
+	$(PY) -m ruff format --check hpcbnn
+	$(PY) -m mypy
+	$(PY) -m pytest -ra --durations=30 $(PYTEST_ARGS)
 
 bench: setup
 	$(PY) -m benchmarks.layers

@@ -92,18 +92,18 @@ class Engine:
 
     def inputs(self, x: Tensor, rows: slice, step: int) -> Tensor:
         """The [k*B_local, ...] sample-major input: one (augmented) copy per local sample."""
-        k = len(self.local)
-        if self.augment is None:
+        k, augment = len(self.local), self.augment
+        if augment is None:
             return x.expand(k, *x.shape).reshape(k * x.shape[0], *x.shape[1:])
-        if self.augment_mode == "per-sample":
-            return torch.cat([self._augment(x, rows, step, s) for s in self.local])
-        stream = self.grid.rank if self.augment_mode == "per-rank" else -1
-        return self._augment(x, rows, step, stream).repeat(k, *[1] * (x.dim() - 1))
 
-    def _augment(self, x: Tensor, rows: slice, step: int, stream: int) -> Tensor:
-        seed = generator_seed(self.seed, step, stream, AUGMENT_KEY, AUGMENT_STREAM)
-        generator = torch.Generator().manual_seed(seed)
-        return self.augment(x, generator, rows, self.batch_size)  # type: ignore[misc]
+        def augmented(stream: int) -> Tensor:
+            seed = generator_seed(self.seed, step, stream, AUGMENT_KEY, AUGMENT_STREAM)
+            return augment(x, torch.Generator().manual_seed(seed), rows, self.batch_size)
+
+        if self.augment_mode == "per-sample":
+            return torch.cat([augmented(s) for s in self.local])
+        stream = self.grid.rank if self.augment_mode == "per-rank" else -1
+        return augmented(stream).repeat(k, *[1] * (x.dim() - 1))
 
     def loss(self, x: Tensor, y: Tensor, rows: slice, step: int) -> tuple[Tensor, Tensor, Tensor]:
         """This rank's share of the objective, and its expected-NLL and KL parts."""
