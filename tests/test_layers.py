@@ -8,11 +8,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from hpcbnn.errors import UsageError
-from hpcbnn.bnn.layers import (BayesianConv1d, BayesianConv2d, BayesianLinear, BayesianMultiheadAttention,
-                           SampleBatchNorm2d, kl_divergence)
+from hpcbnn.bnn.layers import (ESTIMATORS, BayesianConv1d, BayesianConv2d, BayesianLinear,
+                               BayesianMultiheadAttention, SampleBatchNorm2d, kl_divergence)
 from hpcbnn.bnn.noise import sampling
 
-ESTIMATORS = ["reparam", "flipout", "local"]
 # attention's projections are Bayesian Linear layers, so one estimator covers it
 CASES = [(k, e) for k in ("linear", "conv1d", "conv2d") for e in ESTIMATORS] + [("mha", "reparam")]
 D64 = torch.float64
@@ -253,3 +252,20 @@ def test_every_estimator_has_the_posterior_predictive_moments(estimator):
     var = (F.linear(x.square(), sigma_w.square()) + sigma_b.square())[0]
     assert torch.allclose(y.mean(0), mean, atol=4 * (var / k).sqrt().max().item())
     assert torch.allclose(y.var(0), var, rtol=0.1)
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_a_1x1_convolution_is_the_linear_layer(estimator):
+    """The estimators are written once over each layer's op: a Conv1d with a 1-wide kernel and
+    the Linear layer holding the same posterior (and noise key) give the same samples."""
+    linear = BayesianLinear(5, 4, estimator=estimator, init_std=0.2, dtype=D64)
+    conv = BayesianConv1d(5, 4, 1, estimator=estimator, init_std=0.2, dtype=D64)
+    with torch.no_grad():
+        for name in ("weight_mu", "weight_rho", "bias_mu", "bias_rho"):
+            getattr(conv, name).copy_(getattr(linear, name).view_as(getattr(conv, name)))
+    conv.noise_key = linear.noise_key
+    x = torch.randn(6, 5, dtype=D64, generator=torch.Generator().manual_seed(2))
+    with sampling(seed=3, step=1, samples=[4, 0, 9]):
+        want = linear(x)
+        got = conv(x.unsqueeze(-1)).squeeze(-1)
+    assert torch.allclose(got, want, rtol=0, atol=1e-12)
