@@ -142,3 +142,28 @@ def test_build_model_dispatch_and_errors():
         build_model("vit", (3, 16, 32), 3)
     with pytest.raises(UsageError, match="use --model mlp"):
         build_model("resnet", (24,), 3)
+
+
+def test_default_prior_and_initial_sigma_follow_fan_in():
+    """He std sqrt(2/fan_in) for the prior, INIT_FRACTION of it for the initial sigma (bias included)."""
+    from hpcbnn.bnn.layers import INIT_FRACTION
+
+    model = bayesianize(nn.Sequential(nn.Linear(64, 8), nn.Conv2d(3, 4, 3, groups=1)))
+    for layer, fan_in in zip(bayesian_layers(model), (64, 27)):
+        he = (2 / fan_in) ** 0.5
+        assert layer.prior_scale == pytest.approx(he)
+        for rho in (layer.weight_rho, layer.bias_rho):
+            assert torch.allclose(F.softplus(rho), torch.tensor(INIT_FRACTION * he))
+    with pytest.raises(UsageError, match="fan_in"):
+        bayesianize(nn.Linear(3, 2), prior_scale="fan_out")
+
+
+def test_sigma_parameters_get_their_own_step_and_no_weight_decay():
+    from hpcbnn.optim import make_optimizer
+
+    model = bayesianize(mlp(6, [5], 2))
+    opt = make_optimizer(model, "adamw", 1e-3, weight_decay=0.1, rho_lr_scale=4.0)
+    means, sigmas = opt.param_groups
+    assert means["lr"] == 1e-3 and means["weight_decay"] == 0.1
+    assert sigmas["lr"] == 4e-3 and sigmas["weight_decay"] == 0.0
+    assert {id(p) for p in sigmas["params"]} == {id(p) for n, p in model.named_parameters() if n.endswith("_rho")}

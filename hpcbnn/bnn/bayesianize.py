@@ -13,11 +13,13 @@ from typing import Any, Union
 from torch import nn
 
 from hpcbnn.bnn.layers import (
+    FAN_IN,
     SAMPLE_BATCH_NORM,
     BayesianConv1d,
     BayesianConv2d,
     BayesianLinear,
     BayesianMultiheadAttention,
+    Scale,
 )
 from hpcbnn.bnn.noise import assign_noise_keys
 from hpcbnn.errors import UsageError
@@ -68,15 +70,17 @@ def bayesianize(
     model: nn.Module,
     *,
     layers: Selection = "all",
-    prior_scale: float = 1.0,
-    init_std: float = 1e-3,
+    prior_scale: Scale = FAN_IN,
+    init_std: Scale = FAN_IN,
     estimator: str = "reparam",
 ) -> nn.Module:
     """Make the selected layers of `model` Bayesian and return the model.
 
     `layers`: "all", n (the last n Bayesian-capable layers, nearest the output), or a
-    predicate `f(qualified_name, module) -> bool`. Returns a new object only when `model`
-    itself is a single convertible layer.
+    predicate `f(qualified_name, module) -> bool`. `prior_scale`, `init_std`: numbers, or
+    "fan_in" to scale each layer's prior and initial sigma with its fan-in (see
+    `hpcbnn.bnn.layers`). Returns a new object only when `model` itself is a single
+    convertible layer.
     """
     chosen = _select(candidates(model), layers)
     if not chosen:

@@ -1,8 +1,12 @@
 """Mean-field Gaussian Bayesian layers that evaluate k weight samples in one pass.
 
-Each weight w has a posterior N(mu, sigma^2), sigma = softplus(rho) initialised small
-(`init_std`), so a fresh or converted network starts next to its deterministic
-counterpart; the prior is N(0, prior_scale^2) and the KL to it is closed-form.
+Each weight w has a posterior N(mu, sigma^2), sigma = softplus(rho), and the prior is
+N(0, prior_scale^2) with a closed-form KL. By default both scale with the layer's fan-in
+(`"fan_in"`): the prior is He's sqrt(2 / fan_in), the scale at which a ReLU network's
+activations neither blow up nor vanish (a unit prior on a 64-input layer is 8x that), and
+sigma starts at INIT_FRACTION of it: next to the deterministic network, yet with noise
+that the data can shape within a short run, given the sigmas' own learning rate
+(`make_optimizer(rho_lr_scale=...)`) and a tempered KL (`kl_weight`); docs/uq.md measures it.
 
 Inside `hpcbnn.bnn.noise.sampling(...)` an input has k*B rows, sample-major, and a layer
 evaluates the k samples together: Linear with one batched matmul on [k, B*, in], Conv
@@ -20,7 +24,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any, Literal, get_args
+from typing import Any, Literal, Union, get_args
 
 import torch
 import torch.nn.functional as F
@@ -33,22 +37,43 @@ from hpcbnn.errors import UsageError
 
 Estimator = Literal["reparam", "flipout", "local"]
 ESTIMATORS: tuple[Estimator, ...] = get_args(Estimator)
+FAN_IN: Literal["fan_in"] = "fan_in"
+INIT_FRACTION = 0.1  # initial sigma / He std with init_std="fan_in"
+Scale = Union[float, Literal["fan_in"]]
 
 
 def inverse_softplus(y: float) -> float:
     return y + math.log(-math.expm1(-y))
 
 
+def he_std(weight_shape: Sequence[int]) -> float:
+    """sqrt(2 / fan_in), fan_in = the inputs feeding one output (in_features, or in_channels/groups x kernel)."""
+    return math.sqrt(2 / max(1, math.prod(weight_shape[1:])))
+
+
+def resolve_scale(value: Scale, weight_shape: Sequence[int], fraction: float = 1.0) -> float:
+    """A float as given; "fan_in" as `fraction` of the layer's He std."""
+    if value == FAN_IN:
+        return fraction * he_std(weight_shape)
+    if isinstance(value, str):
+        raise UsageError(f"a prior or initial scale is a positive number or {FAN_IN!r}, not {value!r}")
+    return float(value)
+
+
 class BayesianModule(nn.Module):
-    """Posterior N(weight_mu, softplus(weight_rho)^2) per weight (and bias), prior N(0, prior_scale^2)."""
+    """Posterior N(weight_mu, softplus(weight_rho)^2) per weight (and bias), prior N(0, prior_scale^2).
+
+    `prior_scale` and `init_std` are numbers or "fan_in" (He std, resp. INIT_FRACTION of it);
+    the layer keeps the resolved numbers, which the bias shares.
+    """
 
     def __init__(
         self,
         weight_shape: Sequence[int],
         bias_size: int | None,
         *,
-        prior_scale: float = 1.0,
-        init_std: float = 1e-3,
+        prior_scale: Scale = FAN_IN,
+        init_std: Scale = FAN_IN,
         estimator: str = "reparam",
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
@@ -56,6 +81,8 @@ class BayesianModule(nn.Module):
         super().__init__()
         if estimator not in ESTIMATORS:
             raise UsageError(f"unknown estimator {estimator!r}: choose one of {', '.join(ESTIMATORS)}")
+        prior_scale = resolve_scale(prior_scale, weight_shape)
+        init_std = resolve_scale(init_std, weight_shape, INIT_FRACTION)
         if prior_scale <= 0 or init_std <= 0:
             raise UsageError(f"prior_scale ({prior_scale}) and init_std ({init_std}) must be positive")
         kw: dict[str, Any] = {"dtype": dtype, "device": device}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -12,15 +12,33 @@ OptimizerName = Literal["adam", "adamw", "sgd"]
 ScheduleName = Literal["cosine", "constant"]
 
 
+RHO_LR_SCALE = 10.0  # Adam moves a parameter ~lr per step: at 1x sigma cannot reach its fit in a short run
+
+
 def make_optimizer(
-    model: nn.Module, name: OptimizerName, lr: float, *, weight_decay: float = 0.0, momentum: float = 0.9
+    model: nn.Module,
+    name: OptimizerName,
+    lr: float,
+    *,
+    weight_decay: float = 0.0,
+    momentum: float = 0.9,
+    rho_lr_scale: float = RHO_LR_SCALE,
 ) -> torch.optim.Optimizer:
-    """SGD with momentum, or (fused) Adam/AdamW over the trainable parameters."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    """SGD with momentum, or (fused) Adam/AdamW over the trainable parameters.
+
+    The posterior's sigma parameters (`*_rho`) are a group of their own: their step is
+    `rho_lr_scale` x lr, and weight decay never applies to them (it would pull every sigma
+    towards softplus(0) = 0.69, a prior of its own besides the KL's).
+    """
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    rho = [p for n, p in trainable if n.endswith("_rho")]
+    groups: list[dict[str, Any]] = [{"params": [p for n, p in trainable if not n.endswith("_rho")]}]
+    if rho:
+        groups.append({"params": rho, "lr": lr * rho_lr_scale, "weight_decay": 0.0})
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
     kind = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
-    return kind(params, lr=lr, weight_decay=weight_decay, fused=True)  # one kernel, ~5x faster on CPU
+    return kind(groups, lr=lr, weight_decay=weight_decay, fused=True)  # one kernel, ~5x faster on CPU
 
 
 def make_schedule(

@@ -24,5 +24,11 @@ def build_network(cfg: Config, info: DatasetInfo) -> nn.Module:
             raise UsageError(
                 f"--pretrained {cfg.pretrained}: cannot load it into --model {cfg.model}: {first}"
             ) from None
-    bayesianize(model, layers=cfg.bayesian_layers, prior_scale=cfg.prior_scale, estimator=cfg.estimator)
+    bayesianize(
+        model,
+        layers=cfg.bayesian_layers,
+        prior_scale=cfg.prior_scale,
+        init_std=cfg.init_std,
+        estimator=cfg.estimator,
+    )
     return model.to(getattr(torch, cfg.dtype))

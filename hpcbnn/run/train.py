@@ -63,7 +63,14 @@ def main(argv: list[str] | None = None) -> int:
     ood = job.ood_loader(train)
     total = min(cfg.max_steps or sys.maxsize, cfg.epochs * len(train))
     model = job.network(info)
-    optimizer = make_optimizer(model, cfg.optimizer, cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+    optimizer = make_optimizer(
+        model,
+        cfg.optimizer,
+        cfg.lr,
+        weight_decay=cfg.weight_decay,
+        momentum=cfg.momentum,
+        rho_lr_scale=cfg.rho_lr_scale,
+    )
     schedule = make_schedule(optimizer, total, len(train), warmup_epochs=cfg.warmup_epochs, schedule=cfg.schedule)
     engine = Engine(
         model,

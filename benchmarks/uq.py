@@ -1,0 +1,508 @@
+"""Does the uncertainty pay? hpcbnn's BNN against a deterministic net and a deep ensemble, in one harness.
+
+    python -m benchmarks.uq [--quick | --smoke] [--seeds N] [--out runs/uq]
+    python -m benchmarks.uq --tune      # the validation-split study of variational training options
+
+Protocols, on scikit-learn's bundled digits with hpcbnn's train/val/test split (inputs
+standardised with the training split's statistics, as the loader does):
+  heldout   train on classes 0-4; out of distribution (OOD): the images of classes 5-9
+  rotated   train on all classes; OOD: the same images rotated by 90 degrees (as hpcbnn.train's
+            default OOD set); digits that look alike rotated (0, 1, 8) cap the attainable AUROC
+  inverted  (with --protocols) the same, OOD: the images inverted (16 - pixel), far from the data
+Every method trains the MLP 64-128-128 for the same epochs, batch and schedule, with the
+library: `bayesianize`, `sampling`, `categorical_loglik`, `elbo_loss`, `kl_divergence`,
+`make_optimizer`, `make_schedule`. The BNN takes every variational setting from
+`hpcbnn.run.config.Config()` (what `python -m hpcbnn.train` uses); the deterministic net
+is MAP with weight decay, the ensemble 5 of them from different seeds. Hyper-parameters
+of the baselines were chosen on the validation split (`--tune` reprints the evidence).
+
+Reported on the test split: accuracy, NLL, ECE, Brier; OOD AUROC and FPR at 95% TPR (of
+the in-distribution inputs) scored by max-probability, predictive entropy and mutual
+information (MI); accuracy and ECE under Gaussian pixel noise of 5 severities; AURC of
+the risk-coverage curve. Means over seeds go to a table, `results.csv` and one PNG per
+protocol under --out; the last line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import importlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hpcbnn.bnn.bayesianize import bayesianize
+from hpcbnn.bnn.layers import ESTIMATORS, BayesianModule, kl_divergence
+from hpcbnn.bnn.models import mlp
+from hpcbnn.bnn.noise import sampling
+from hpcbnn.bnn.objectives import categorical_loglik, elbo_loss, predictive_loss
+from hpcbnn.data.convert import DIGITS_COUNTS, DIGITS_SEED, split_indices
+from hpcbnn.optim import make_optimizer, make_schedule
+from hpcbnn.run.config import Config
+from hpcbnn.uq.metrics import classification_metrics
+
+PROTOCOLS = ("heldout", "rotated")
+HIDDEN = [128, 128]
+EPOCHS = 60
+ENSEMBLE = 5
+EVAL_SAMPLES = 32
+NOISE_LEVELS = (2.0, 4.0, 6.0, 8.0, 10.0)  # std of the Gaussian pixel noise, in raw pixel units (0..16)
+MAP_LR = 1e-3  # chosen on the validation split (--tune): the lowest NLL, mean over the protocols
+MAP_WEIGHT_DECAY = 1e-3  # likewise
+SCORES = ("maxprob", "entropy", "mi")
+HEADLINE = ("accuracy", "nll", "ece", "brier", "auroc_maxprob", "auroc_entropy", "auroc_mi", "fpr95_mi", "aurc")
+
+
+@dataclass
+class Split:
+    x: Tensor
+    y: Tensor
+
+
+@dataclass
+class Protocol:
+    name: str
+    classes: int
+    train: Split
+    val: Split
+    test: Split
+    ood_val: Tensor
+    ood_test: Tensor
+    raw_test: Tensor  # unstandardised test inputs, for the graded shift
+    mean: float
+    std: float
+
+    def shifted(self, severity: int) -> Tensor:
+        """The test inputs with Gaussian pixel noise of level `severity` (1..5), always the same draw."""
+        g = torch.Generator().manual_seed(1000 + severity)
+        noisy = self.raw_test + NOISE_LEVELS[severity - 1] * torch.randn(self.raw_test.shape, generator=g)
+        return (noisy.clamp(0, 16) - self.mean) / self.std
+
+
+def digits_protocols(names: list[str]) -> list[Protocol]:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x_all = torch.tensor(digits.data, dtype=torch.float32)
+    y_all = torch.tensor(digits.target, dtype=torch.int64)
+    rows = split_indices(len(y_all), DIGITS_COUNTS["val"], DIGITS_COUNTS["test"], DIGITS_SEED)
+    raw = {s: (x_all[torch.as_tensor(r)], y_all[torch.as_tensor(r)]) for s, r in rows.items()}
+
+    def build(name: str, keep: Callable[[Tensor], Tensor], ood: Callable[[str], Tensor], classes: int) -> Protocol:
+        parts = {s: (x[keep(y)], y[keep(y)]) for s, (x, y) in raw.items()}
+        mean, std = float(parts["train"][0].mean()), float(parts["train"][0].std())
+        norm = lambda x: (x - mean) / std  # noqa: E731
+        split = {s: Split(norm(x), y) for s, (x, y) in parts.items()}
+        return Protocol(
+            name,
+            classes,
+            split["train"],
+            split["val"],
+            split["test"],
+            norm(ood("val")),
+            norm(ood("test")),
+            parts["test"][0],
+            mean,
+            std,
+        )
+
+    heldout = build("heldout", lambda y: y < 5, lambda s: raw[s][0][raw[s][1] >= 5], 5)
+    rotate = lambda s: raw[s][0].view(-1, 8, 8).rot90(1, (1, 2)).reshape(-1, 64)  # noqa: E731
+    rotated = build("rotated", lambda y: y >= 0, rotate, 10)
+    inverted = build("inverted", lambda y: y >= 0, lambda s: 16.0 - raw[s][0], 10)
+    return [p for p in (heldout, rotated, inverted) if p.name in names]
+
+
+@dataclass
+class Variational:
+    """The BNN's training settings; the defaults are the library's (Config and bayesianize)."""
+
+    estimator: str = Config.estimator
+    prior_scale: Any = Config.prior_scale
+    init_std: Any = Config.init_std
+    rho_lr_scale: float = Config.rho_lr_scale
+    kl_weight: float = Config.kl_weight
+    kl_warmup: float = 0.0  # fraction of the steps over which the KL weight ramps up linearly
+    objective: str = Config.objective
+    lr: float = Config.lr
+    samples: int = Config.samples
+    batch_size: int = Config.batch_size
+
+
+def batches(n: int, batch_size: int, seed: int, epoch: int) -> list[Tensor]:
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 10_000 + epoch))
+    return list(order.split(batch_size))
+
+
+def fit_bnn(p: Protocol, v: Variational, seed: int, epochs: int) -> nn.Module:
+    torch.manual_seed(seed)
+    model = bayesianize(
+        mlp(64, HIDDEN, p.classes), prior_scale=v.prior_scale, init_std=v.init_std, estimator=v.estimator
+    )
+    optimizer = make_optimizer(model, "adam", v.lr, rho_lr_scale=v.rho_lr_scale)
+    n = len(p.train.y)
+    per_epoch = math.ceil(n / v.batch_size)
+    total = epochs * per_epoch
+    schedule = make_schedule(optimizer, total, per_epoch)
+    objective = elbo_loss if v.objective == "elbo" else predictive_loss
+    step = 0
+    for epoch in range(epochs):
+        for idx in batches(n, v.batch_size, seed, epoch):
+            x, y = p.train.x[idx], p.train.y[idx]
+            with sampling(seed, step, range(v.samples)):
+                out = model(x.repeat(v.samples, 1))
+            loglik = categorical_loglik(out.view(v.samples, len(idx), -1), y)
+            warm = min(1.0, (step + 1) / (v.kl_warmup * total)) if v.kl_warmup else 1.0
+            loss = objective(loglik, kl_divergence(model), n, v.kl_weight * warm)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            step += 1
+    return model
+
+
+def fit_map(
+    p: Protocol, seed: int, epochs: int, lr: float = MAP_LR, weight_decay: float = MAP_WEIGHT_DECAY
+) -> nn.Module:
+    torch.manual_seed(seed)
+    model = mlp(64, HIDDEN, p.classes)
+    optimizer = make_optimizer(model, "adam", lr, weight_decay=weight_decay)
+    n = len(p.train.y)
+    per_epoch = math.ceil(n / Config.batch_size)
+    schedule = make_schedule(optimizer, epochs * per_epoch, per_epoch)
+    for epoch in range(epochs):
+        for idx in batches(n, Config.batch_size, seed, epoch):
+            loss = F.cross_entropy(model(p.train.x[idx]), p.train.y[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    return model
+
+
+Predictor = Callable[[Tensor], Tensor]  # inputs [N, 64] -> per-sample class probabilities [S, N, C]
+
+
+def bnn_predictor(model: nn.Module, seed: int, samples: int = EVAL_SAMPLES) -> Predictor:
+    @torch.no_grad()
+    def predict(x: Tensor) -> Tensor:
+        with sampling(seed, -1, range(samples)):
+            return model(x.repeat(samples, 1)).view(samples, len(x), -1).softmax(-1)
+
+    return predict
+
+
+def members_predictor(models: list[nn.Module]) -> Predictor:
+    @torch.no_grad()
+    def predict(x: Tensor) -> Tensor:
+        return torch.stack([m(x).softmax(-1) for m in models])
+
+    return predict
+
+
+def scores(probs: Tensor) -> dict[str, np.ndarray]:
+    """Uncertainty scores (higher = less sure) per input: 1 - max-probability, entropy, MI."""
+    avg = probs.double().mean(0)
+    entropy = -(avg * avg.clamp_min(1e-300).log()).sum(-1)
+    expected = -(probs.double() * probs.double().clamp_min(1e-300).log()).sum(-1).mean(0)
+    return {"maxprob": (1 - avg.max(-1).values).numpy(), "entropy": entropy.numpy(), "mi": (entropy - expected).numpy()}
+
+
+def fpr_at_95_tpr(inside: np.ndarray, outside: np.ndarray) -> float:
+    """Share of OOD inputs accepted when the threshold accepts 95% of the in-distribution inputs."""
+    threshold = np.quantile(inside, 0.95)
+    return float((outside <= threshold).mean())
+
+
+def risk_coverage(probs: Tensor, y: Tensor) -> tuple[np.ndarray, np.ndarray, float]:
+    """Error rate of the most confident fraction c of inputs, for every c; AURC is its mean."""
+    avg = probs.double().mean(0)
+    confidence, predicted = avg.max(-1)
+    wrong = (predicted != y).double()[confidence.argsort(descending=True)].numpy()
+    k = np.arange(1, len(wrong) + 1)
+    risk = np.cumsum(wrong) / k
+    return k / len(wrong), risk, float(risk.mean())
+
+
+def evaluate(
+    predict: Predictor, x: Tensor, y: Tensor, ood: Tensor, shifted: list[Tensor] | None = None
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """Metrics of one trained method, and the arrays the plots need."""
+    from sklearn.metrics import roc_auc_score
+
+    probs, probs_ood = predict(x), predict(ood)
+    m = classification_metrics(probs, y)
+    out: dict[str, float] = {k: m[k] for k in ("accuracy", "nll", "ece", "brier")}
+    s_in, s_out = scores(probs), scores(probs_ood)
+    labels = np.r_[np.zeros(len(x)), np.ones(len(ood))]
+    for name in SCORES:
+        if name == "mi" and probs.shape[0] == 1:
+            continue  # a single network has no epistemic part
+        out[f"auroc_{name}"] = float(roc_auc_score(labels, np.r_[s_in[name], s_out[name]]))
+        out[f"fpr95_{name}"] = fpr_at_95_tpr(s_in[name], s_out[name])
+    out["mi_in"], out["mi_out"] = float(s_in["mi"].mean()), float(s_out["mi"].mean())
+    coverage, risk, out["aurc"] = risk_coverage(probs, y)
+    for i, xs in enumerate(shifted or [], start=1):
+        ms = classification_metrics(predict(xs), y)
+        out[f"shift{i}_accuracy"], out[f"shift{i}_ece"] = ms["accuracy"], ms["ece"]
+    arrays = {"mi_in": s_in["mi"], "mi_out": s_out["mi"], "coverage": coverage, "risk": risk, "reliability": m}
+    return out, arrays
+
+
+def sigma_quantiles(model: nn.Module) -> dict[str, float]:
+    """Quantiles of all posterior standard deviations, relative to each layer's prior scale."""
+    ratios = torch.cat(
+        [
+            (F.softplus(m.weight_rho.detach()) / m.prior_scale).flatten()
+            for m in model.modules()
+            if isinstance(m, BayesianModule)
+        ]
+    )
+    q = torch.quantile(ratios, torch.tensor([0.05, 0.5, 0.95]))
+    return {"sigma_q05": float(q[0]), "sigma_q50": float(q[1]), "sigma_q95": float(q[2])}
+
+
+def run_protocol(p: Protocol, seeds: list[int], epochs: int, ensemble: int) -> tuple[dict, dict]:
+    """Mean and std over seeds of every method's metrics, and the first seed's plot arrays."""
+    shifted = [p.shifted(s) for s in range(1, len(NOISE_LEVELS) + 1)]
+    runs: dict[str, list[dict[str, float]]] = {}
+    arrays: dict[str, dict] = {}
+
+    def record(method: str, predict: Predictor, extra: dict[str, float] | None = None) -> None:
+        metrics, plot = evaluate(predict, p.test.x, p.test.y, p.ood_test, shifted)
+        runs.setdefault(method, []).append({**metrics, **(extra or {})})
+        arrays.setdefault(method, plot)
+
+    for seed in seeds:
+        members = [fit_map(p, seed * 100 + i, epochs) for i in range(ensemble)]
+        record("deterministic", members_predictor(members[:1]))
+        record("ensemble", members_predictor(members))
+        for estimator in ESTIMATORS:
+            method = "bnn" if estimator == Config.estimator else f"bnn_{estimator}"
+            model = fit_bnn(p, Variational(estimator=estimator), seed, epochs)
+            record(method, bnn_predictor(model, seed), sigma_quantiles(model))
+    summary = {
+        method: {k: float(np.mean([r[k] for r in rs])) for k in rs[0]}
+        | {f"{k}_std": float(np.std([r[k] for r in rs])) for k in rs[0]}
+        for method, rs in runs.items()
+    }
+    return summary, arrays
+
+
+def plot(p: Protocol, arrays: dict[str, dict], summary: dict[str, dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 4, figsize=(19, 4.2))
+    bins = np.linspace(0, max(float(arrays[m]["mi_out"].max()) for m in ("bnn", "ensemble")) + 1e-9, 30)
+    for method, color in (("bnn", "C0"), ("ensemble", "C1")):
+        ax[0].hist(arrays[method]["mi_in"], bins, color=color, alpha=0.35, label=f"{method} in", density=True)
+        ax[0].hist(
+            arrays[method]["mi_out"], bins, color=color, histtype="step", lw=2, label=f"{method} OOD", density=True
+        )
+    ax[0].set(title=f"{p.name}: mutual information", xlabel="MI (nats)", ylabel="density")
+    ax[0].legend()
+    for method in ("deterministic", "ensemble", "bnn"):
+        rel = arrays[method]["reliability"]["reliability"]
+        conf = [c for c in rel["confidence"] if c is not None]
+        acc = [a for a in rel["accuracy"] if a is not None]
+        ax[1].plot(conf, acc, "o-", label=f"{method} (ECE {summary[method]['ece']:.3f})")
+        ax[2].plot(
+            arrays[method]["coverage"], arrays[method]["risk"], label=f"{method} (AURC {summary[method]['aurc']:.4f})"
+        )
+        ax[3].plot(
+            NOISE_LEVELS,
+            [summary[method][f"shift{i}_accuracy"] for i in range(1, len(NOISE_LEVELS) + 1)],
+            "o-",
+            label=method,
+        )
+    ax[1].plot([0, 1], [0, 1], "k:", lw=1)
+    ax[1].set(title="reliability (test)", xlabel="confidence", ylabel="accuracy")
+    ax[2].set(title="risk-coverage (test)", xlabel="coverage", ylabel="error rate among accepted")
+    ax[3].set(title="accuracy under pixel noise", xlabel="noise std (pixel units, 0..16)", ylabel="accuracy")
+    for a in ax[1:]:
+        a.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def table(rows: list[tuple[str, str, dict[str, float]]], keys: tuple[str, ...]) -> str:
+    head = f"{'protocol':<10} {'method':<14} " + " ".join(f"{k:>13}" for k in keys)
+    lines = [head, "-" * len(head)]
+    for proto, method, values in rows:
+        cells = " ".join(f"{values[k]:>13.4f}" if k in values else f"{'-':>13}" for k in keys)
+        lines.append(f"{proto:<10} {method:<14} {cells}")
+    return "\n".join(lines)
+
+
+def bar(name: str, m: dict[str, dict[str, float]]) -> list[str]:
+    """The issue's targets for the default BNN on one protocol, each with its numbers and met / NOT met."""
+    bnn, det, ens = m["bnn"], m["deterministic"], m["ensemble"]
+    best = max(SCORES, key=lambda k: bnn[f"auroc_{k}"])
+    checks = [  # (target, BNN's value, reference, least difference), signed so that higher is better
+        ("NLL below deterministic", -bnn["nll"], -det["nll"], 0.0),
+        ("ECE below deterministic", -bnn["ece"], -det["ece"], 0.0),
+        (f"AUROC ({best}) above det. max-prob", bnn[f"auroc_{best}"], det["auroc_maxprob"], 0.0),
+        ("MI-AUROC >= ensemble's - 0.01", bnn["auroc_mi"], ens["auroc_mi"], -0.01),
+        ("accuracy within 0.5 points of det.", bnn["accuracy"], det["accuracy"], -0.005),
+    ]
+    lines = []
+    for what, a, b, margin in checks:
+        met = a - b > 0 if margin == 0 else a - b >= margin  # "below"/"above" are strict, tolerances are not
+        lines.append(f"{name:<10} {what:<38} {abs(a):.4f} vs {abs(b):.4f}  {'met' if met else 'NOT met'}")
+    return lines
+
+
+def regression_results(quick: bool) -> dict | None:
+    """The regression protocol of benchmarks/uq_regression.py, when that module exists."""
+    try:
+        module = importlib.import_module("benchmarks.uq_regression")
+    except ModuleNotFoundError as exc:
+        if exc.name != "benchmarks.uq_regression":
+            raise
+        print("benchmarks.uq: benchmarks/uq_regression.py is absent; no regression protocol")
+        return None
+    return module.run(quick)
+
+
+def benchmark(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    epochs = 1 if args.smoke else (30 if args.quick else EPOCHS)
+    seeds = list(range(1 if args.smoke or args.quick else args.seeds))
+    ensemble = 2 if args.smoke else ENSEMBLE
+    began = time.perf_counter()
+    results: dict[str, dict] = {}
+    for p in digits_protocols(args.protocols):
+        summary, arrays = run_protocol(p, seeds, epochs, ensemble)
+        results[p.name] = summary
+        plot(p, arrays, summary, out / f"{p.name}.png")
+    rows = [(proto, method, values) for proto, methods in results.items() for method, values in methods.items()]
+    print(f"benchmarks.uq: {len(seeds)} seed(s), {epochs} epochs, ensemble of {ensemble}, S_eval={EVAL_SAMPLES}")
+    print(table(rows, HEADLINE))
+    print()
+    shift_keys = tuple(f"shift{i}_{m}" for m in ("accuracy", "ece") for i in range(1, len(NOISE_LEVELS) + 1))
+    print(f"graded shift: Gaussian pixel noise of std {NOISE_LEVELS} (pixel units)")
+    print(table(rows, shift_keys))
+    print()
+    print(table(rows, ("mi_in", "mi_out", "fpr95_maxprob", "fpr95_entropy", "sigma_q05", "sigma_q50", "sigma_q95")))
+    print()
+    print("\n".join(line for name, methods in results.items() for line in bar(name, methods)))
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["protocol", "method", "metric", "mean", "std"])
+        for proto, method, values in rows:
+            for k, v in values.items():
+                if not k.endswith("_std"):
+                    writer.writerow([proto, method, k, f"{v:.6g}", f"{values[f'{k}_std']:.3g}"])
+    regression = None if args.smoke else regression_results(args.quick)
+    if regression is not None:
+        module = importlib.import_module("benchmarks.uq_regression")
+        print("regression (benchmarks/uq_regression.py):")
+        print(module.table(regression) if hasattr(module, "table") else json.dumps(regression, default=float))
+    print(f"benchmarks.uq: {time.perf_counter() - began:.0f} s; results.csv and PNGs in {out}")
+    report: dict[str, Any] = {
+        "protocols": {
+            proto: {m: {k: v for k, v in values.items() if not k.endswith("_std")} for m, values in methods.items()}
+            for proto, methods in results.items()
+        }
+    }
+    if regression is not None:
+        report["regression"] = regression
+    print(json.dumps(report, default=float))
+
+
+OLD = {"prior_scale": 1.0, "init_std": 1e-3, "rho_lr_scale": 1.0, "kl_weight": 1.0}
+FAN = {"prior_scale": "fan_in", "init_std": "fan_in", "rho_lr_scale": 1.0, "kl_weight": 1.0}
+TUNE_OPTIONS: dict[str, dict[str, Any]] = {
+    "old defaults: N(0,1) prior, sigma0 1e-3": OLD,
+    "old, rho lr x10": OLD | {"rho_lr_scale": 10.0},
+    "old, kl_weight 0.01": OLD | {"kl_weight": 0.01},
+    "N(0,1) prior, sigma0 fan_in": OLD | {"init_std": "fan_in"},
+    "N(0,1) prior, sigma0 fan_in, rho x10, kl 0.01": OLD
+    | {"init_std": "fan_in", "rho_lr_scale": 10.0, "kl_weight": 0.01},
+    "fan_in prior, sigma0 1e-3": FAN | {"init_std": 1e-3},
+    "fan_in prior, sigma0 fan_in": FAN,
+    "fan_in, rho x10": FAN | {"rho_lr_scale": 10.0},
+    "fan_in, rho x10, kl 0.1": FAN | {"rho_lr_scale": 10.0, "kl_weight": 0.1},
+    "fan_in, rho x10, kl 0.03": FAN | {"rho_lr_scale": 10.0, "kl_weight": 0.03},
+    "fan_in, rho x10, kl 0.01": FAN | {"rho_lr_scale": 10.0, "kl_weight": 0.01},
+    "fan_in, rho x10, kl 0.003": FAN | {"rho_lr_scale": 10.0, "kl_weight": 0.003},
+    "fan_in, rho x10, kl 0.001": FAN | {"rho_lr_scale": 10.0, "kl_weight": 0.001},
+    "fan_in, rho x1, kl 0.01": FAN | {"kl_weight": 0.01},
+    "fan_in, rho x3, kl 0.01": FAN | {"rho_lr_scale": 3.0, "kl_weight": 0.01},
+    "fan_in, rho x3, kl 0.003": FAN | {"rho_lr_scale": 3.0, "kl_weight": 0.003},
+    "fan_in, rho x10, kl 0.01, KL warm-up 30%": FAN | {"rho_lr_scale": 10.0, "kl_weight": 0.01, "kl_warmup": 0.3},
+    "fan_in, rho x10, kl 0.01, predictive": FAN | {"rho_lr_scale": 10.0, "kl_weight": 0.01, "objective": "predictive"},
+    "fan_in, rho x10, kl 0.003, lr 1e-2": FAN | {"rho_lr_scale": 10.0, "kl_weight": 0.003, "lr": 1e-2},
+}
+MAP_GRID = [(lr, wd) for lr in (1e-3, 3e-3) for wd in (0.0, 1e-4, 1e-3)]
+TUNE_KEYS = ("accuracy", "nll", "ece", "auroc_maxprob", "auroc_mi", "mi_out", "sigma_q05", "sigma_q50", "sigma_q95")
+
+
+def tune(args: argparse.Namespace) -> None:
+    """Every option (and the MAP grid, and the ensemble) on the validation split, means over seeds."""
+    seeds = list(range(args.seeds))
+    for p in digits_protocols(args.protocols):
+        found: dict[str, list[dict[str, float]]] = {}
+        for seed in seeds:
+            for lr, wd in MAP_GRID:
+                model = fit_map(p, seed, EPOCHS, lr, wd)
+                found.setdefault(f"MAP lr {lr:g} wd {wd:g}", []).append(
+                    evaluate(members_predictor([model]), p.val.x, p.val.y, p.ood_val)[0]
+                )
+            members = [fit_map(p, seed * 100 + i, EPOCHS) for i in range(ENSEMBLE)]
+            found.setdefault("ensemble of 5", []).append(
+                evaluate(members_predictor(members), p.val.x, p.val.y, p.ood_val)[0]
+            )
+            for name, options in TUNE_OPTIONS.items():
+                model = fit_bnn(p, dataclasses.replace(Variational(), **options), seed, EPOCHS)
+                metrics = evaluate(bnn_predictor(model, seed), p.val.x, p.val.y, p.ood_val)[0]
+                found.setdefault(name, []).append(metrics | sigma_quantiles(model))
+            print(f"benchmarks.uq --tune: {p.name} seed {seed} done", flush=True)
+        print(f"validation split of {p.name}, {len(seeds)} seed(s), {EPOCHS} epochs, means over seeds")
+        print(f"{'option':<46} " + " ".join(f"{k:>11}" for k in TUNE_KEYS))
+        for name, rs in found.items():
+            values = {k: float(np.mean([r[k] for r in rs])) for k in rs[0]}
+            cells = " ".join(f"{values[k]:>11.4g}" if k in values else f"{'-':>11}" for k in TUNE_KEYS)
+            print(f"{name:<46} {cells}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.uq", description=__doc__.split("\n")[0])
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="one seed, 30 epochs (< 5 minutes on 2 cores)")
+    mode.add_argument("--smoke", action="store_true", help="one seed, one epoch, ensemble of 2 (for the test)")
+    mode.add_argument("--tune", action="store_true", help="compare training options on the validation split")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds of the full run (means over them)")
+    parser.add_argument(
+        "--protocols", nargs="+", default=list(PROTOCOLS), choices=[*PROTOCOLS, "inverted"], help="which protocols"
+    )
+    parser.add_argument("--out", default="runs/uq", help="where results.csv and the PNGs go")
+    parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.tune:
+        tune(args)
+    else:
+        benchmark(args)
+
+
+if __name__ == "__main__":
+    main()
