@@ -147,10 +147,10 @@ class TorchCollectives(Collectives):
 
         self.dist = dist
         backend = "nccl" if grid.device.type == "cuda" else "gloo"
-        address = grid.world.bcast(_rendezvous_address() if grid.is_root else None, root=0)
+        self.store = _rendezvous_store(grid)
         dist.init_process_group(
             backend,
-            init_method=f"tcp://{address}",
+            store=self.store,
             rank=grid.rank,
             world_size=grid.size,
             device_id=grid.device if backend == "nccl" else None,
@@ -189,13 +189,24 @@ class TorchCollectives(Collectives):
         return torch.cat(parts)
 
 
-def _rendezvous_address() -> str:
-    """Rank 0's address and a free port, shared with the others over MPI."""
-    host = os.environ.get("HPCBNN_MASTER_ADDR") or socket.gethostbyname(socket.gethostname())
-    with socket.socket() as s:
-        s.bind(("", 0))
-        port = s.getsockname()[1]
-    return f"{host}:{port}"
+def _rendezvous_store(grid: ProcessGrid) -> Any:
+    """torch.distributed's key-value store, served by rank 0 and found by the others over MPI.
+
+    Rank 0 binds the store's port itself (`MASTER_PORT`, as the job scripts export it, or
+    one the system picks) and keeps it, so no other process can take the port between
+    choosing and using it; then it tells the others the address it is listening on.
+    """
+    import torch.distributed as dist
+
+    if grid.is_root:
+        host = os.environ.get("MASTER_ADDR") or socket.gethostbyname(socket.gethostname())
+        store = dist.TCPStore(
+            host, int(os.environ.get("MASTER_PORT", 0)), grid.size, is_master=True, wait_for_workers=False
+        )
+        grid.world.bcast((host, store.port), root=0)
+        return store
+    host, port = grid.world.bcast(None, root=0)
+    return dist.TCPStore(host, port, grid.size, is_master=False)
 
 
 def make_collectives(grid: ProcessGrid, backend: str) -> Collectives:
