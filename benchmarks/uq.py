@@ -1,7 +1,7 @@
 """Does the uncertainty pay? hpcbnn's BNN against a deterministic net and a deep ensemble, in one harness.
 
     python -m benchmarks.uq [--quick | --smoke] [--seeds N] [--out runs/uq]
-    python -m benchmarks.uq --tune      # the validation-split study of variational training options
+    python -m benchmarks.uq --tune [--round 2]  # the validation-split studies of variational training options
 
 Protocols, on scikit-learn's bundled digits with hpcbnn's train/val/test split (inputs
 standardised with the training split's statistics, as the loader does):
@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hpcbnn.bnn.bayesianize import bayesianize
-from hpcbnn.bnn.layers import ESTIMATORS, BayesianModule, kl_divergence
+from hpcbnn.bnn.layers import ESTIMATORS, INIT_FRACTION, BayesianModule, he_std, inverse_softplus, kl_divergence
 from hpcbnn.bnn.models import mlp
 from hpcbnn.bnn.noise import sampling
 from hpcbnn.bnn.objectives import categorical_loglik, elbo_loss, predictive_loss
@@ -127,11 +127,12 @@ def digits_protocols(names: list[str]) -> list[Protocol]:
 
 @dataclass
 class Variational:
-    """The BNN's training settings; the defaults are the library's (Config and bayesianize)."""
+    """The BNN's settings; the defaults are the library's (Config and bayesianize)."""
 
     estimator: str = Config.estimator
     prior_scale: Any = Config.prior_scale
     init_std: Any = Config.init_std
+    init_fraction: float = INIT_FRACTION  # initial sigma / He std, with init_std "fan_in"
     rho_lr_scale: float = Config.rho_lr_scale
     kl_weight: float = Config.kl_weight
     kl_warmup: float = 0.0  # fraction of the steps over which the KL weight ramps up linearly
@@ -139,6 +140,7 @@ class Variational:
     lr: float = Config.lr
     samples: int = Config.samples
     batch_size: int = Config.batch_size
+    eval_samples: int = EVAL_SAMPLES  # of the predictive at evaluation
 
 
 def batches(n: int, batch_size: int, seed: int, epoch: int) -> list[Tensor]:
@@ -151,6 +153,12 @@ def fit_bnn(p: Protocol, v: Variational, seed: int, epochs: int) -> nn.Module:
     model = bayesianize(
         mlp(64, HIDDEN, p.classes), prior_scale=v.prior_scale, init_std=v.init_std, estimator=v.estimator
     )
+    if v.init_std == "fan_in":  # as bayesianize sets it, with v.init_fraction for INIT_FRACTION
+        for m in model.modules():
+            if isinstance(m, BayesianModule):
+                for rho in (m.weight_rho, m.bias_rho):
+                    if rho is not None:
+                        nn.init.constant_(rho, inverse_softplus(v.init_fraction * he_std(m.weight_mu.shape)))
     optimizer = make_optimizer(model, "adam", v.lr, rho_lr_scale=v.rho_lr_scale)
     n = len(p.train.y)
     per_epoch = math.ceil(n / v.batch_size)
@@ -484,22 +492,120 @@ def tune(args: argparse.Namespace) -> None:
             print(f"{name:<46} {cells}", flush=True)
 
 
+ROUND1 = {"prior_scale": "fan_in", "init_std": "fan_in", "rho_lr_scale": 10.0, "kl_weight": 0.003}
+ROUND2_OPTIONS: dict[str, dict[str, Any]] = {
+    "rho x10, kl 0.003 (round 1)": ROUND1,
+    "rho x10, kl 0.01": ROUND1 | {"kl_weight": 0.01},
+    "rho x3, kl 0.003": ROUND1 | {"rho_lr_scale": 3.0},
+    "rho x3, kl 0.01": ROUND1 | {"rho_lr_scale": 3.0, "kl_weight": 0.01},
+    "rho x3, kl 0.03": ROUND1 | {"rho_lr_scale": 3.0, "kl_weight": 0.03},
+    "rho x3, kl 0.003, sigma0 0.3 He": ROUND1 | {"rho_lr_scale": 3.0, "init_fraction": 0.3},
+    "rho x3, kl 0.003, local": ROUND1 | {"rho_lr_scale": 3.0, "estimator": "local"},
+    "rho x10, kl 0.003, local": ROUND1 | {"estimator": "local"},
+}
+ROUND2_EVAL_SAMPLES = (8, 128)  # re-scores of the round-1 option's models (training unchanged)
+RANKED = {
+    "classification": (("nll", -1), ("ece", -1), ("auroc_best", 1), ("auroc_mi", 1)),
+    "regression": (("nll", -1),),
+}
+
+
+def regression_settings(v: Variational) -> Any:
+    """The classification option `v` as benchmarks.uq_regression's settings (it trains with half the samples)."""
+    reg = importlib.import_module("benchmarks.uq_regression")
+    return reg.Variational(v.kl_weight, v.rho_lr_scale, v.init_fraction, v.estimator, v.samples // 2)
+
+
+def tune_round2(args: argparse.Namespace) -> None:
+    """Round 2: the round-1 default against nearby options on heldout, rotated and diabetes regression (val
+    only); saves <out>/tune2_<protocol>.json and, once all three exist, ranks the options (docs/uq.md)."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    seeds = list(range(args.seeds))
+    for name in args.protocols:
+        found: dict[str, list[dict[str, float]]] = {}
+        if name == "regression":
+            reg = importlib.import_module("benchmarks.uq_regression")
+            for option, settings in ROUND2_OPTIONS.items():
+                v = dataclasses.replace(Variational(), **settings)
+                found[option] = [{"nll": reg.validation_nll(regression_settings(v))}]
+                print(f"benchmarks.uq --tune --round 2: regression {option}: {found[option][0]['nll']:.4f}", flush=True)
+        else:
+            (p,) = digits_protocols([name])
+            for seed in seeds:
+                members = [fit_map(p, seed * 100 + i, EPOCHS) for i in range(ENSEMBLE)]
+                found.setdefault("MAP (deterministic)", []).append(
+                    evaluate(members_predictor(members[:1]), p.val.x, p.val.y, p.ood_val)[0]
+                )
+                found.setdefault("ensemble of 5", []).append(
+                    evaluate(members_predictor(members), p.val.x, p.val.y, p.ood_val)[0]
+                )
+                for option, settings in ROUND2_OPTIONS.items():
+                    v = dataclasses.replace(Variational(), **settings)
+                    model = fit_bnn(p, v, seed, EPOCHS)
+                    metrics = evaluate(bnn_predictor(model, seed, v.eval_samples), p.val.x, p.val.y, p.ood_val)[0]
+                    found.setdefault(option, []).append(metrics | sigma_quantiles(model))
+                    if settings is ROUND1:
+                        for k in ROUND2_EVAL_SAMPLES:
+                            metrics = evaluate(bnn_predictor(model, seed, k), p.val.x, p.val.y, p.ood_val)[0]
+                            found.setdefault(f"{option}, eval S {k}", []).append(metrics | sigma_quantiles(model))
+                print(f"benchmarks.uq --tune --round 2: {name} seed {seed} done", flush=True)
+        means = {o: {k: float(np.mean([r[k] for r in rs])) for k in rs[0]} for o, rs in found.items()}
+        for values in means.values():
+            values["auroc_best"] = max(values.get(f"auroc_{k}", 0.0) for k in SCORES)
+        (out / f"tune2_{name}.json").write_text(json.dumps(means, indent=1))
+        print(f"validation split of {name}, {len(seeds)} seed(s), {EPOCHS} epochs, means over seeds")
+        keys = ("nll",) if name == "regression" else (*TUNE_KEYS, "auroc_best")
+        print(f"{'option':<46} " + " ".join(f"{k:>11}" for k in keys))
+        for option, values in means.items():
+            print(f"{option:<46} " + " ".join(f"{values[k]:>11.4g}" if k in values else f"{'-':>11}" for k in keys))
+    rank_round2(out)
+
+
+def rank_round2(out: Path) -> None:
+    """Mean rank over the protocols of each option's mean rank within a protocol (classification: NLL, ECE,
+    best AUROC, MI-AUROC; regression: validation NLL); 1 is best. Printed once all three protocols are saved."""
+    files = {n: out / f"tune2_{n}.json" for n in ("heldout", "rotated", "regression")}
+    if not all(f.exists() for f in files.values()):
+        return
+    tables = {n: json.loads(f.read_text()) for n, f in files.items()}
+    ranks: dict[str, dict[str, float]] = {o: {} for o in ROUND2_OPTIONS}
+    for name, means in tables.items():
+        kind = "regression" if name == "regression" else "classification"
+        per_metric = []
+        for key, sign in RANKED[kind]:
+            order = sorted(ROUND2_OPTIONS, key=lambda o: -sign * means[o][key])
+            per_metric.append({o: order.index(o) + 1 for o in ROUND2_OPTIONS})
+        for o in ROUND2_OPTIONS:
+            ranks[o][name] = float(np.mean([r[o] for r in per_metric]))
+    print("round 2: mean rank within each protocol (NLL, ECE, best AUROC, MI-AUROC; regression: NLL), then over them")
+    print(f"{'option':<46} {'heldout':>9} {'rotated':>9} {'regression':>11} {'mean':>7}")
+    for o in sorted(ROUND2_OPTIONS, key=lambda o: np.mean(list(ranks[o].values()))):
+        r, mean = ranks[o], float(np.mean(list(ranks[o].values())))
+        print(f"{o:<46} {r['heldout']:>9.2f} {r['rotated']:>9.2f} {r['regression']:>11.2f} {mean:>7.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.uq", description=__doc__.split("\n")[0])
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="one seed, 30 epochs (< 5 minutes on 2 cores)")
     mode.add_argument("--smoke", action="store_true", help="one seed, one epoch, ensemble of 2 (for the test)")
     mode.add_argument("--tune", action="store_true", help="compare training options on the validation split")
+    parser.add_argument("--round", type=int, default=1, choices=(1, 2), help="which --tune study")
     parser.add_argument("--seeds", type=int, default=3, help="seeds of the full run (means over them)")
     parser.add_argument(
-        "--protocols", nargs="+", default=list(PROTOCOLS), choices=[*PROTOCOLS, "inverted"], help="which protocols"
+        "--protocols",
+        nargs="+",
+        default=list(PROTOCOLS),
+        choices=[*PROTOCOLS, "inverted", "regression"],
+        help="which protocols (regression: --tune --round 2 only)",
     )
     parser.add_argument("--out", default="runs/uq", help="where results.csv and the PNGs go")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.tune:
-        tune(args)
+        tune_round2(args) if args.round == 2 else tune(args)
     else:
         benchmark(args)
 

@@ -37,10 +37,12 @@ import torch
 from torch import Tensor, nn
 
 import hpcbnn
+from hpcbnn.bnn.layers import INIT_FRACTION, BayesianModule, Estimator, he_std, inverse_softplus
 from hpcbnn.bnn.models import mlp
-from hpcbnn.bnn.objectives import gaussian_params
+from hpcbnn.bnn.objectives import DEFAULT_KL_WEIGHT, gaussian_params
 from hpcbnn.data.convert import DIABETES_COUNTS, diabetes_arrays, split_indices
 from hpcbnn.optim import make_optimizer
+from hpcbnn.optim.optimizers import RHO_LR_SCALE
 from hpcbnn.uq.metrics import regression_metrics
 
 DATASET = "diabetes"
@@ -70,6 +72,17 @@ BUDGETS = {
 
 
 @dataclass(frozen=True)
+class Variational:
+    """The BNN's settings; the defaults are the library's (`benchmarks.uq --tune --round 2` varies them)."""
+
+    kl_weight: float = DEFAULT_KL_WEIGHT
+    rho_lr_scale: float = RHO_LR_SCALE
+    init_fraction: float = INIT_FRACTION  # initial sigma / He std
+    estimator: Estimator = "reparam"
+    samples: int = TRAIN_SAMPLES
+
+
+@dataclass(frozen=True)
 class Split:
     """Standardised inputs and targets per split, and the target scale to undo it."""
 
@@ -93,10 +106,18 @@ def load_split(seed: int) -> Split:
     )
 
 
-def build(in_features: int, bayesian: bool, seed: int) -> nn.Module:
+def build(in_features: int, bayesian: bool, seed: int, v: Variational) -> nn.Module:
     torch.manual_seed(seed)
     model = mlp(in_features, HIDDEN, 2)
-    return hpcbnn.bayesianize(model) if bayesian else model
+    if not bayesian:
+        return model
+    model = hpcbnn.bayesianize(model, estimator=v.estimator)
+    for m in model.modules():  # the initial sigma, as init_std="fan_in" sets it with INIT_FRACTION
+        if isinstance(m, BayesianModule):
+            for rho in (m.weight_rho, m.bias_rho):
+                if rho is not None:
+                    nn.init.constant_(rho, inverse_softplus(v.init_fraction * he_std(m.weight_mu.shape)))
+    return model
 
 
 def predict(model: nn.Module, x: Tensor, bayesian: bool, seed: int) -> Tensor:
@@ -109,22 +130,23 @@ def predict(model: nn.Module, x: Tensor, bayesian: bool, seed: int) -> Tensor:
 
 
 def train(
-    split: Split, bayesian: bool, lr: float, weight_decay: float, seed: int, budget: Budget
+    split: Split, bayesian: bool, lr: float, weight_decay: float, seed: int, budget: Budget, v: Variational
 ) -> tuple[nn.Module, int, float]:
     """One run; returns the model at its best validation epoch, that epoch and its validation NLL."""
     x, y = split.x["train"], split.y["train"]
-    model = build(x.shape[1], bayesian, seed)
-    optimizer = make_optimizer(model, "adam", lr, weight_decay=weight_decay)
+    model = build(x.shape[1], bayesian, seed, v)
+    optimizer = make_optimizer(model, "adam", lr, weight_decay=weight_decay, rho_lr_scale=v.rho_lr_scale)
     order = torch.Generator().manual_seed(seed)
     best: tuple[float, int, dict[str, Tensor]] = (math.inf, 0, {})
     step = 0
     for epoch in range(1, budget.epochs + 1):
         for rows in torch.randperm(len(y), generator=order).split(BATCH):
-            k = TRAIN_SAMPLES if bayesian else 1
+            k = v.samples if bayesian else 1
             with hpcbnn.sampling(seed, step, range(k)) if bayesian else nullcontext():
                 out = model(x[rows].repeat(k, 1)).view(k, len(rows), -1)
             loglik = hpcbnn.gaussian_loglik(out, y[rows])
-            loss = hpcbnn.elbo_loss(loglik, hpcbnn.kl_divergence(model), len(y)) if bayesian else -loglik.mean()
+            kl = hpcbnn.kl_divergence(model)
+            loss = hpcbnn.elbo_loss(loglik, kl, len(y), v.kl_weight) if bayesian else -loglik.mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -139,10 +161,12 @@ def train(
     return model, best[1], best[0]
 
 
-def select(split: Split, bayesian: bool, seed: int, budget: Budget) -> tuple[nn.Module, dict[str, float]]:
+def select(
+    split: Split, bayesian: bool, seed: int, budget: Budget, v: Variational = Variational()
+) -> tuple[nn.Module, dict[str, float]]:
     """The run whose best validation NLL is lowest over the learning rates (and weight decays)."""
     decays = (0.0,) if bayesian else budget.weight_decays
-    runs = [(train(split, bayesian, lr, wd, seed, budget), lr, wd) for lr in budget.lrs for wd in decays]
+    runs = [(train(split, bayesian, lr, wd, seed, budget, v), lr, wd) for lr in budget.lrs for wd in decays]
     (model, epoch, nll), lr, wd = min(runs, key=lambda r: r[0][2])
     return model, {"lr": lr, "weight_decay": wd, "epochs": epoch, "val_nll": nll}
 
@@ -168,7 +192,10 @@ def evaluate_split(seed: int, budget: Budget) -> tuple[dict[str, dict[str, float
     bnn, bnn_choice = select(split, True, seed, budget)
     det, det_choice = select(split, False, seed, budget)
     lr, wd = det_choice["lr"], det_choice["weight_decay"]
-    members = [det, *(train(split, False, lr, wd, seed + 1000 * (i + 1), budget)[0] for i in range(MEMBERS - 1))]
+    members = [
+        det,
+        *(train(split, False, lr, wd, seed + 1000 * (i + 1), budget, Variational())[0] for i in range(MEMBERS - 1)),
+    ]
     ensemble = torch.cat([predict(m, x, False, seed) for m in members])
     metrics = {
         "bnn": test_metrics(split, predict(bnn, x, True, seed)),
@@ -193,6 +220,13 @@ def run(quick: bool = False, smoke: bool = False) -> dict:
     result["stderr"] = stderr
     result["selected"] = {method: [c[method] for c in choices] for method in ("bnn", "deterministic")}
     return result
+
+
+def validation_nll(v: Variational, quick: bool = False) -> float:
+    """The BNN's best validation NLL with settings `v`, mean over the splits (for tuning; no test data)."""
+    budget = BUDGETS["quick" if quick else "full"]
+    nlls = [select(load_split(seed), True, seed, budget, v)[1]["val_nll"] for seed in range(budget.splits)]
+    return float(np.mean(nlls))
 
 
 def table(result: dict) -> str:

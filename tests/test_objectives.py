@@ -30,7 +30,7 @@ def test_gaussian_loglik_is_the_heteroscedastic_normal_density():
 def test_elbo_is_mean_negative_loglik_plus_weighted_kl_per_example():
     loglik = torch.randn(4, 8, dtype=D64)
     kl = torch.tensor(30.0, dtype=D64)
-    assert elbo_loss(loglik, kl, n_train=100).item() == pytest.approx(-loglik.mean().item() + 0.3)
+    assert elbo_loss(loglik, kl, n_train=100, kl_weight=1.0).item() == pytest.approx(-loglik.mean().item() + 0.3)
     assert elbo_loss(loglik, kl, n_train=100, kl_weight=0.1).item() == pytest.approx(-loglik.mean().item() + 0.03)
 
 
@@ -38,7 +38,7 @@ def test_predictive_loss_is_the_log_of_the_sample_averaged_likelihood():
     loglik = torch.randn(5, 7, dtype=D64)
     kl = torch.tensor(2.0, dtype=D64)
     want = -torch.log(loglik.exp().mean(0)).mean() + 2.0 / 50
-    assert predictive_loss(loglik, kl, n_train=50).item() == pytest.approx(want.item(), rel=1e-12)
+    assert predictive_loss(loglik, kl, n_train=50, kl_weight=1.0).item() == pytest.approx(want.item(), rel=1e-12)
 
 
 def test_split_predictive_gradient_is_exact():
@@ -63,3 +63,16 @@ def test_split_predictive_gradient_is_exact():
     naive = sum(predictive_loss(shares[r], kl, n_train=10) for r in range(K)) / K
     (averaged,) = torch.autograd.grad(naive, theta)
     assert not torch.allclose(averaged, whole), "averaging per-rank predictive losses is only an approximation"
+
+
+def test_one_default_kl_weight_for_the_objectives_the_engine_and_the_cli():
+    """bayesianize + the ELBO fits the same tempered posterior as hpcbnn.train."""
+    import inspect
+
+    from hpcbnn.bnn.objectives import DEFAULT_KL_WEIGHT
+    from hpcbnn.parallel.engine import Engine
+    from hpcbnn.run.config import Config
+
+    for f in (elbo_loss, predictive_loss, Engine.__init__):
+        assert inspect.signature(f).parameters["kl_weight"].default == DEFAULT_KL_WEIGHT
+    assert Config().kl_weight == DEFAULT_KL_WEIGHT

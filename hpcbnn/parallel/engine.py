@@ -20,7 +20,13 @@ from torch import Tensor, nn
 
 from hpcbnn.bnn.layers import kl_divergence
 from hpcbnn.bnn.noise import generator_seed, sampling
-from hpcbnn.bnn.objectives import categorical_loglik, elbo_loss, gaussian_loglik, predictive_loss
+from hpcbnn.bnn.objectives import (
+    DEFAULT_KL_WEIGHT,
+    categorical_loglik,
+    elbo_loss,
+    gaussian_loglik,
+    predictive_loss,
+)
 from hpcbnn.errors import UsageError
 from hpcbnn.parallel.collectives import Collectives
 from hpcbnn.parallel.grid import ProcessGrid
@@ -65,7 +71,7 @@ class Engine:
         seed: int,
         objective: str = "elbo",
         likelihood: str = "categorical",
-        kl_weight: float = 1.0,
+        kl_weight: float = DEFAULT_KL_WEIGHT,
         augment: Augmentation | None = None,
         augment_mode: str = "per-sample",
         hierarchical: bool = False,

@@ -18,8 +18,10 @@ from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser, set_pa
 
 from hpcbnn.bnn.layers import Estimator
 from hpcbnn.bnn.models import ModelName
+from hpcbnn.bnn.objectives import DEFAULT_KL_WEIGHT
 from hpcbnn.data.augment import AugmentName
 from hpcbnn.errors import UsageError, world_rank
+from hpcbnn.optim.optimizers import RHO_LR_SCALE
 from hpcbnn.parallel.collectives import Backend
 from hpcbnn.parallel.engine import AugmentMode, Objective
 from hpcbnn.parallel.grid import Mode
@@ -46,7 +48,7 @@ class Config:
     """Standard deviation of the Gaussian prior on every weight; fan_in: each layer's He std sqrt(2/fan_in)."""
     init_std: Union[float, Literal["fan_in"]] = "fan_in"
     """Initial posterior standard deviation; fan_in: a tenth of each layer's He std."""
-    rho_lr_scale: float = 10.0
+    rho_lr_scale: float = RHO_LR_SCALE
     """Learning rate of the posterior standard deviations' parameters (rho), relative to --lr: Adam moves
     each by about its learning rate per step, too slow at 1x for sigma to reach its fit (docs/uq.md)."""
     estimator: Estimator = "reparam"
@@ -71,7 +73,7 @@ class Config:
     """Stop after this many optimizer steps (for short tests); None runs all epochs."""
     objective: Objective = "elbo"
     """ELBO (mean log-likelihood), or the predictive objective (log of the sample-averaged likelihood)."""
-    kl_weight: float = 0.003
+    kl_weight: float = DEFAULT_KL_WEIGHT
     """Weight of KL/N in the loss (a posterior temperature: <1 is a cold posterior). 1 is the plain ELBO,
     which on small data sets (the digits' 1257 examples, 25k weights) sets most sigmas to the prior's and
     underfits; the default is the best value on the validation split (docs/uq.md)."""
