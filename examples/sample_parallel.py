@@ -28,7 +28,7 @@ model = hb.bayesianize(torchvision.ops.MLP(64, [128, 10]))  # hpcbnn: any torchv
 grid = hb.ProcessGrid("sample")  # hpcbnn: all P ranks share each batch and split its samples
 comm = hb.make_collectives(grid, args.backend)  # hpcbnn: Horovod or torch.distributed over the grid
 comm.broadcast_(model.state_dict().values())  # hpcbnn: every rank starts from rank 0's weights
-optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+optimizer = hb.make_optimizer(model, "adam", lr=3e-3)  # hpcbnn: Adam, the posterior's sigmas on their own step
 k = args.samples // grid.sample_size  # samples per rank
 
 for step in range(args.steps):

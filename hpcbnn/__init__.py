@@ -37,6 +37,8 @@ _EXPORTS = {
     "make_collectives": "hpcbnn.parallel.collectives",
     "Engine": "hpcbnn.parallel.engine",
     "evaluate": "hpcbnn.parallel.evaluation",
+    "make_optimizer": "hpcbnn.optim.optimizers",
+    "make_schedule": "hpcbnn.optim.optimizers",
     "RandomVariable": "hpcbnn.ppl.random_variable",
     "tape": "hpcbnn.ppl.tracing",
     "condition": "hpcbnn.ppl.tracing",

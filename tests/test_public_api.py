@@ -19,6 +19,7 @@ PUBLIC = {
     "ProcessGrid": "hpcbnn.parallel.grid",
     "make_collectives": "hpcbnn.parallel.collectives",
     "Engine": "hpcbnn.parallel.engine",
+    "make_optimizer": "hpcbnn.optim.optimizers",
     "RandomVariable": "hpcbnn.ppl.random_variable",
     "tape": "hpcbnn.ppl.tracing",
     "condition": "hpcbnn.ppl.tracing",
