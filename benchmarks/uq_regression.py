@@ -145,8 +145,10 @@ def train(
             with hpcbnn.sampling(seed, step, range(k)) if bayesian else nullcontext():
                 out = model(x[rows].repeat(k, 1)).view(k, len(rows), -1)
             loglik = hpcbnn.gaussian_loglik(out, y[rows])
-            kl = hpcbnn.kl_divergence(model)
-            loss = hpcbnn.elbo_loss(loglik, kl, len(y), v.kl_weight) if bayesian else -loglik.mean()
+            if bayesian:
+                loss = hpcbnn.elbo_loss(loglik, hpcbnn.kl_divergence(model), len(y), v.kl_weight)
+            else:
+                loss = -loglik.mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
