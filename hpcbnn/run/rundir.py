@@ -4,8 +4,10 @@ Rank 0 writes every file; all ranks agree on the directory and read checkpoints.
 
     RUN_DIR/config.yaml     the resolved configuration (every option, defaults included)
     RUN_DIR/metrics.jsonl   one JSON object per epoch
-    RUN_DIR/summary.json    test metrics of the final model and the run's totals
-    RUN_DIR/reliability.png or calibration.png
+    RUN_DIR/summary.json    test metrics of the final model, OOD detection, posterior health, the run's totals
+    RUN_DIR/reliability.png and uncertainty.png, or calibration.png
+    RUN_DIR/curves.png      learning curves from metrics.jsonl (python -m hpcbnn.plots RUN_DIR redraws)
+    RUN_DIR/evaluation.json written by python -m hpcbnn.evaluate RUN_DIR
     RUN_DIR/checkpoints/step-NNNNNN.pt
 """
 
