@@ -42,27 +42,39 @@ def test_predictive_loss_is_the_log_of_the_sample_averaged_likelihood():
 
 
 def test_split_predictive_gradient_is_exact():
-    """K ranks with 2 samples each. Every rank's loss is the same function of all samples;
-    the gather's adjoint routes each rank's gradient to the samples' owners, so the sum over
-    ranks divided by K (the engine's mean) is the single-process gradient."""
+    """K ranks with 2 samples each. A rank receives the other ranks' rows as data (detached),
+    and the gather's adjoint sends each rank the sum over ranks of the gradient on its own
+    row (an allreduce in the real gather). With that adjoint the sum over ranks divided by
+    K (the engine's mean) is the single-process gradient; Horovod's averaging adjoint is not."""
     theta = torch.randn(6, 4, dtype=D64, requires_grad=True)
-    kl = (theta ** 2).sum()
+    kl = (theta**2).sum()
     y = torch.randn(4, dtype=D64)
-    loglik = -(theta - y) ** 2  # [S=6 samples, B=4 examples]
+    loglik = -((theta - y) ** 2)  # [S=6 samples, B=4 examples]
     (whole,) = torch.autograd.grad(predictive_loss(loglik, kl, n_train=10), theta, retain_graph=True)
     K = 3
     shares = loglik.split(2)
+    rows = [torch.logsumexp(s, 0)[None] for s in shares]  # what each rank contributes to the gather
+    received = [[row.detach().requires_grad_() for row in rows] for _ in range(K)]  # rank r's copies
 
-    def gather_on(rank):
-        return lambda t: torch.cat([t if j == rank else torch.logsumexp(shares[j], 0)[None] for j in range(K)])
-
-    losses = [predictive_loss(shares[r], kl, n_train=10, num_samples=6, gather=gather_on(r)) for r in range(K)]
-    (summed,) = torch.autograd.grad(sum(losses), theta, retain_graph=True)
-    assert torch.allclose(summed / K, whole, rtol=1e-12)
+    losses = [
+        predictive_loss(shares[r], kl, n_train=10, num_samples=6, gather=lambda t, r=r: torch.cat(received[r]))
+        for r in range(K)
+    ]
     assert all(loss.item() == pytest.approx(predictive_loss(loglik, kl, 10).item(), rel=1e-12) for loss in losses)
-    naive = sum(predictive_loss(shares[r], kl, n_train=10) for r in range(K)) / K
-    (averaged,) = torch.autograd.grad(naive, theta)
-    assert not torch.allclose(averaged, whole), "averaging per-rank predictive losses is only an approximation"
+    row_grads = [torch.autograd.grad(loss, received[r], retain_graph=True) for r, loss in enumerate(losses)]
+    kl_grad = torch.autograd.grad(sum(losses), theta, retain_graph=True)[0]  # the KL part, on every rank
+
+    def step(adjoint: str) -> torch.Tensor:
+        """sum over ranks / K of the gradient, with the gather's backward summing or averaging."""
+        total = kl_grad.clone()
+        for j in range(K):
+            g = sum(row_grads[r][j] for r in range(K))
+            g = g / K if adjoint == "mean" else g
+            total += torch.autograd.grad(rows[j], theta, g, retain_graph=True)[0]
+        return total / K
+
+    assert torch.allclose(step("sum"), whole, rtol=1e-12)
+    assert not torch.allclose(step("mean"), whole), "an averaging adjoint scales the predictive term by 1/K"
 
 
 def test_one_default_kl_weight_for_the_objectives_the_engine_and_the_cli():
