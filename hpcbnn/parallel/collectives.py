@@ -10,6 +10,7 @@ in its backward, which would scale those gradients by 1/K; hence our own autogra
 
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 import zlib
@@ -161,6 +162,10 @@ class TorchCollectives(Collectives):
             "data": self._own_group(grid.data_comm),
         }
         grid.world.Barrier()  # nobody leaves while a peer still builds its groups through rank 0's store
+        # Gloo's worker threads must stop while Python still runs: one that drops its last
+        # tensor during interpreter shutdown aborts the process ("terminate called without
+        # an active exception") after a job that had finished.
+        atexit.register(dist.destroy_process_group)
 
     def _own_group(self, comm: MPI.Comm) -> ProcessGroup:
         """Every rank must create every group, in the same order; keep the one holding us."""
