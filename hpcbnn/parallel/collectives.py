@@ -10,7 +10,6 @@ in its backward, which would scale those gradients by 1/K; hence our own autogra
 
 from __future__ import annotations
 
-import atexit
 import os
 import socket
 import zlib
@@ -148,10 +147,10 @@ class TorchCollectives(Collectives):
 
         self.dist = dist
         backend = "nccl" if grid.device.type == "cuda" else "gloo"
-        self.store = _rendezvous_store(grid)
+        address = grid.world.bcast(_rendezvous_address() if grid.is_root else None, root=0)
         dist.init_process_group(
             backend,
-            store=self.store,
+            init_method=f"tcp://{address}",
             rank=grid.rank,
             world_size=grid.size,
             device_id=grid.device if backend == "nccl" else None,
@@ -162,10 +161,6 @@ class TorchCollectives(Collectives):
             "data": self._own_group(grid.data_comm),
         }
         grid.world.Barrier()  # nobody leaves while a peer still builds its groups through rank 0's store
-        # Gloo's worker threads must stop while Python still runs: one that drops its last
-        # tensor during interpreter shutdown aborts the process ("terminate called without
-        # an active exception") after a job that had finished.
-        atexit.register(dist.destroy_process_group)
 
     def _own_group(self, comm: MPI.Comm) -> ProcessGroup:
         """Every rank must create every group, in the same order; keep the one holding us."""
@@ -194,24 +189,13 @@ class TorchCollectives(Collectives):
         return torch.cat(parts)
 
 
-def _rendezvous_store(grid: ProcessGrid) -> Any:
-    """torch.distributed's key-value store, served by rank 0 and found by the others over MPI.
-
-    Rank 0 binds the store's port itself (`MASTER_PORT`, as the job scripts export it, or
-    one the system picks) and keeps it, so no other process can take the port between
-    choosing and using it; then it tells the others the address it is listening on.
-    """
-    import torch.distributed as dist
-
-    if grid.is_root:
-        host = os.environ.get("MASTER_ADDR") or socket.gethostbyname(socket.gethostname())
-        store = dist.TCPStore(
-            host, int(os.environ.get("MASTER_PORT", 0)), grid.size, is_master=True, wait_for_workers=False
-        )
-        grid.world.bcast((host, store.port), root=0)
-        return store
-    host, port = grid.world.bcast(None, root=0)
-    return dist.TCPStore(host, port, grid.size, is_master=False)
+def _rendezvous_address() -> str:
+    """Rank 0's address and a free port, shared with the others over MPI."""
+    host = os.environ.get("HPCBNN_MASTER_ADDR") or socket.gethostbyname(socket.gethostname())
+    with socket.socket() as s:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    return f"{host}:{port}"
 
 
 def make_collectives(grid: ProcessGrid, backend: str) -> Collectives:
