@@ -10,8 +10,10 @@ in its backward, which would scale those gradients by 1/K; hence our own autogra
 
 from __future__ import annotations
 
+import atexit
 import os
 import socket
+import time
 import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
@@ -161,6 +163,11 @@ class TorchCollectives(Collectives):
             "data": self._own_group(grid.data_comm),
         }
         grid.world.Barrier()  # nobody leaves while a peer still builds its groups through rank 0's store
+        # A Gloo worker thread drops its reference to a finished collective's tensor just after
+        # the caller's wait returns, and that needs the GIL; if Python is already shutting down,
+        # the thread is killed and the finished job aborts ("terminate called without an
+        # active exception"). A short GIL-free pause at exit lets the workers finish first.
+        atexit.register(time.sleep, 0.2)
 
     def _own_group(self, comm: MPI.Comm) -> ProcessGroup:
         """Every rank must create every group, in the same order; keep the one holding us."""
