@@ -378,8 +378,10 @@ def test_soak_kills_and_resumes_end_where_an_uninterrupted_run_ends(launch, tmp_
     for k in range(rounds):  # each round resumes from the previous one's checkpoint and dies mid-epoch
         at = (k + 1) * STEPS_PER_EPOCH + rng.randint(1, STEPS_PER_EPOCH - 1)
         job = launch(2, train_args(run_dir, *common, "--resume", "true"))
+        job.wait_for(r"hpcbnn\.train: .* run directory")  # both ranks run: find them before the kill's window
+        victim = job.ranks()[rng.randrange(2)]
         job.wait_for(rf"epoch \d+ step {at}/")
-        os.kill(job.ranks()[rng.randrange(2)], signal.SIGKILL)
+        os.kill(victim, signal.SIGKILL)
         assert job.finish(BOUND) != 0
         assert " failed: " not in job.output, job.output
         assert job.ranks() == {}
