@@ -69,11 +69,11 @@ def test_files_copied_into_the_image_exist(path: Path) -> None:
 def test_gpu_image_is_cuda_torch_with_open_mpi_and_nccl_horovod() -> None:
     r = recipe(GPU)
     post = sections(GPU)["post"]
-    assert re.search(r"pytorch.*cuda", r.fromHeader), r.fromHeader
+    assert r.fromHeader.startswith("nvidia/cuda:") and "-devel-" in r.fromHeader, r.fromHeader
     version = re.search(r"^\s*OMPI_VERSION=(\S+)", post, re.M)[1]
     assert labels(GPU)["hpcbnn.openmpi"] == version
     assert "./configure --prefix=/opt/openmpi --with-slurm" in post
-    assert "PATH=/opt/openmpi/bin" in " ".join(r.environ)
+    assert "PATH=/opt/venv/bin:/opt/openmpi/bin:" in " ".join(r.environ)
     assert "MPICC=/opt/openmpi/bin/mpicc" in post and "--no-binary mpi4py" in post
     for flag in (*HOROVOD_FLAGS, "HOROVOD_GPU_OPERATIONS=NCCL"):
         assert flag in post, flag
@@ -101,10 +101,68 @@ def test_cpu_image_builds_with_the_bare_metal_recipe() -> None:
     setup_env = (ROOT / "scripts" / "setup-env.sh").read_text()
     assert "bash scripts/setup-env.sh" in post and "VENV=/opt/venv" in post
     for name in ("TORCH_VERSION", "TORCHVISION_VERSION"):
-        pinned = re.search(rf"{name}=\$\{{{name}:-([^}}]+)\}}", setup_env)[1]
-        assert re.search(rf"\b{name}={re.escape(pinned)}\b", post), f"{name} differs from setup-env.sh ({pinned})"
+        assert re.search(rf"\b{name}={re.escape(pinned(name))}\b", post), f"{name} differs from setup-env.sh"
     assert "download.pytorch.org/whl/cpu" in post
     assert "PATH=/opt/venv/bin" in " ".join(recipe(CPU).environ)
     horovod = re.search(r"HOROVOD_VERSION=\$\{HOROVOD_VERSION:-([^}]+)\}", setup_env)[1]
     assert labels(CPU)["hpcbnn.horovod"] == horovod
     assert all(flag in setup_env for flag in HOROVOD_FLAGS)
+
+
+def pinned(name: str) -> str:
+    """A version scripts/setup-env.sh pins (bare metal, CI and the CPU image use it)."""
+    return re.search(rf"{name}=\$\{{{name}:-([^}}]+)\}}", (ROOT / "scripts" / "setup-env.sh").read_text())[1]
+
+
+def test_gpu_image_has_the_torch_line_of_the_cpu_environment() -> None:
+    """torch 2.5.1 (the old base image) lacked torch.accelerator and allowed CVE-2025-32434."""
+    post = sections(GPU)["post"]
+    for name in ("TORCH_VERSION", "TORCHVISION_VERSION"):
+        assert re.search(rf"\b{name}={re.escape(pinned(name))}\b", post), f"{name} differs from setup-env.sh"
+    assert '"torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION"' in post
+    assert labels(GPU)["hpcbnn.torch"] == pinned("TORCH_VERSION")
+    assert "pytorch/pytorch" not in recipe(GPU).fromHeader, "a base image brings its own, older torch"
+    cuda = re.fullmatch(r"nvidia/cuda:(\d+\.\d+)\.\d+-devel-\S+", recipe(GPU).fromHeader)
+    assert cuda and cuda[1] == labels(GPU)["hpcbnn.cuda"], recipe(GPU).fromHeader
+    assert "PATH=/opt/venv/bin" in " ".join(recipe(GPU).environ)
+    import torch
+
+    if torch.__version__.split("+")[0] == pinned("TORCH_VERSION") and torch.version.cuda:
+        # This environment's torch is PyPI's wheel of the same version: its CUDA is the image's toolkit.
+        assert torch.version.cuda.startswith(labels(GPU)["hpcbnn.cuda"]), torch.version.cuda
+
+
+def test_setup_cfg_floor_admits_the_pin_and_nothing_older_than_2_14() -> None:
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    cfg = (ROOT / "setup.cfg").read_text()
+    block = re.search(r"install_requires =\n((?:    .+\n)+)", cfg)[1]
+    reqs = {r.name: r for r in (Requirement(line.strip()) for line in block.splitlines())}
+    for name, pin in (("torch", "TORCH_VERSION"), ("torchvision", "TORCHVISION_VERSION")):
+        assert reqs[name].specifier.contains(pinned(pin)), f"setup.cfg {reqs[name]} refuses the pinned {pinned(pin)}"
+    assert not reqs["torch"].specifier.contains("2.13.99") and not reqs["torch"].specifier.contains("2.5.1")
+    assert Version(pinned("TORCH_VERSION")) >= Version("2.14")
+
+
+def test_open_mpi_tarball_is_checked_before_it_is_unpacked(tmp_path: Path) -> None:
+    """The definition's own check, run on a tarball that is not the release: it must fail,
+    and it passes only for the bytes whose sha256 the definition records."""
+    post = sections(GPU)["post"]
+    lines = [line.strip() for line in post.splitlines()]
+    digest = re.search(r"^OMPI_SHA256=([0-9a-f]{64})$", post.replace("    ", ""), re.M)
+    assert digest, "no OMPI_SHA256=<64 hex digits> in %post"
+    fetch = next(i for i, line in enumerate(lines) if line.startswith("wget") and "openmpi-" in line)
+    check = next(i for i, line in enumerate(lines) if "sha256sum -c" in line)
+    unpack = next(i for i, line in enumerate(lines) if line.startswith("tar xjf") and "openmpi-" in line)
+    assert fetch < check < unpack, "the checksum must be verified between the download and the unpack"
+    tarball = tmp_path / "openmpi-4.1.6.tar.bz2"
+    tarball.write_bytes(b"not the Open MPI release")
+    env = {"PATH": "/usr/bin:/bin", "OMPI_VERSION": "4.1.6", "OMPI_SHA256": digest[1]}
+    bad = subprocess.run(["sh", "-ec", lines[check]], env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert bad.returncode != 0 and "FAILED" in bad.stdout + bad.stderr, bad.stdout + bad.stderr
+    import hashlib
+
+    env["OMPI_SHA256"] = hashlib.sha256(tarball.read_bytes()).hexdigest()
+    good = subprocess.run(["sh", "-ec", lines[check]], env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert good.returncode == 0, good.stdout + good.stderr
