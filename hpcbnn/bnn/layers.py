@@ -17,6 +17,9 @@ with one grouped convolution (the samples become groups). Estimators:
 Layers in between (activations, LayerNorm, attention, pooling) see k*B independent rows
 and work unchanged; BatchNorm must not mix samples: `SampleBatchNorm*` keeps one set of
 batch statistics per sample block.
+
+Under an `hpcbnn.ppl` tracer (tape, condition, log_joint) the weights and biases are
+named random variables (hpcbnn.bnn.variables); untraced code pays one check per layer.
 """
 
 from __future__ import annotations
@@ -33,7 +36,9 @@ from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from hpcbnn.bnn.noise import current, example_noise, next_key, weight_noise
+from hpcbnn.bnn.variables import traced_forward
 from hpcbnn.errors import UsageError
+from hpcbnn.ppl.tracing import tracing
 
 Estimator = Literal["reparam", "flipout", "local"]
 ESTIMATORS: tuple[Estimator, ...] = get_args(Estimator)
@@ -64,8 +69,11 @@ class BayesianModule(nn.Module):
     """Posterior N(weight_mu, softplus(weight_rho)^2) per weight (and bias), prior N(0, prior_scale^2).
 
     `prior_scale` and `init_std` are numbers or "fan_in" (He std, resp. INIT_FRACTION of it);
-    the layer keeps the resolved numbers, which the bias shares.
+    the layer keeps the resolved numbers, which the bias shares. `variable_name`, the
+    qualified name (set by `assign_noise_keys`), names its weights' random variables.
     """
+
+    variable_name: str | None = None
 
     def __init__(
         self,
@@ -187,6 +195,8 @@ class BayesianModule(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         k = self.samples_here()
+        if tracing():
+            return traced_forward(self, x, k)
         if k == 0:
             return self.op(x, self.weight_mu, self.bias_mu)
         _check_rows(x, k, self)

@@ -44,10 +44,13 @@ def next_key() -> int:
 
 
 def assign_noise_keys(model: nn.Module) -> None:
-    """Key every Bayesian layer by a CRC of its qualified name: stable across processes and runs."""
+    """Key every Bayesian layer by a CRC of its qualified name: stable across processes and runs.
+
+    The name also names the layer's random variables under a tracer (hpcbnn.bnn.variables)."""
     for name, module in model.named_modules():
         if hasattr(module, "noise_key"):
             module.noise_key = zlib.crc32(name.encode())
+            module.variable_name = name
 
 
 @dataclass(frozen=True)

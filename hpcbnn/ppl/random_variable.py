@@ -29,10 +29,20 @@ def _unwrap(obj: Any) -> Any:
 
 
 class RandomVariable:
-    """A distribution and its value: sampled (reparameterised when possible) unless given."""
+    """A distribution and its value: sampled (reparameterised when possible) unless given.
+
+    A variable of a variational program may carry its `prior`, a random variable with the
+    same value under the model's distribution: `distribution` is then the posterior that
+    drew the value, and the model's log density (`model_log_prob`, `log_joint`) uses the prior.
+    """
 
     def __init__(
-        self, distribution: D.Distribution, sample_shape: Sequence[int] = (), value: Any = None, name: str | None = None
+        self,
+        distribution: D.Distribution,
+        sample_shape: Sequence[int] = (),
+        value: Any = None,
+        name: str | None = None,
+        prior: D.Distribution | None = None,
     ) -> None:
         self.distribution = distribution
         self.sample_shape = torch.Size(sample_shape)
@@ -41,6 +51,9 @@ class RandomVariable:
             draw = distribution.rsample if distribution.has_rsample else distribution.sample
             value = draw(self.sample_shape)
         self.value: torch.Tensor = torch.as_tensor(_unwrap(value))
+        self.prior: RandomVariable | None = (
+            None if prior is None else RandomVariable(prior, value=self.value, name=name)
+        )
 
     @classmethod
     def __torch_function__(
@@ -56,6 +69,10 @@ class RandomVariable:
     def log_prob(self) -> torch.Tensor:
         """log p(value) under the variable's own distribution."""
         return self.distribution.log_prob(self.value)
+
+    def model_log_prob(self) -> torch.Tensor:
+        """log p(value) under the model: the prior's when the variable has one, else `log_prob`."""
+        return (self if self.prior is None else self.prior).log_prob()
 
     def __repr__(self) -> str:
         name = f" {self.name!r}" if self.name else ""

@@ -42,6 +42,11 @@ def trace(tracer: Tracer) -> Iterator[None]:
         _state.tracers.pop()
 
 
+def tracing() -> bool:
+    """Whether a tracer is active: the one check untraced code pays (Bayesian layers ask it)."""
+    return bool(_state.tracers)
+
+
 def traceable(f: Callable[..., Any]) -> Callable[..., Any]:
     """Make `f` visible to tracers: the innermost tracer runs it (with itself removed)."""
 
@@ -110,7 +115,9 @@ def log_joint(model: Callable[..., Any], batch_dims: int = 0) -> Callable[..., t
     """The log density of `model` as a function `f(*model_args, **values) -> Tensor`.
 
     Every random variable the model builds takes its value from `values` (by name) or its
-    own `value=`; each term log p(value | parents) is summed over all but its first
+    own `value=`; each term log p(value | parents) (for a variable with a `prior`, such as a
+    Bayesian layer's weight, the prior's: its own distribution is then a variational
+    posterior, not part of the model) is summed over all but its first
     `batch_dims` dimensions. With `batch_dims=1` and values carrying a leading chains
     dimension (and model ops that broadcast over it), the result has shape [chains]:
     many MCMC chains are scored in one pass. Each term must then carry those leading dims.
@@ -131,7 +138,7 @@ def log_joint(model: Callable[..., Any], batch_dims: int = 0) -> Callable[..., t
                     raise ValueError(f"two random variables are named {name!r}; give each a unique name=")
                 seen.add(name)
             rv = traceable(f)(*f_args, **kwargs)
-            lp = rv.distribution.log_prob(rv.value)
+            lp = rv.model_log_prob()
             terms.append(lp.sum(tuple(range(batch_dims, lp.dim()))) if lp.dim() > batch_dims else lp)
             return rv
 
