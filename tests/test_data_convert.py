@@ -152,6 +152,68 @@ def test_cifar100_fine_and_coarse(tmp_path: Path) -> None:
     np.testing.assert_array_equal(stored(tmp_path / "c.h5")["test"][1], test["coarse_labels"])
 
 
+class _Runs:
+    """A pickle that calls `call(*args)` when loaded: what a malicious "CIFAR batch" holds."""
+
+    def __init__(self, call, *args) -> None:  # type: ignore[no-untyped-def]
+        self.call, self.args = call, args
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return self.call, self.args
+
+
+@pytest.mark.parametrize("protocol", [2, 5])
+@pytest.mark.parametrize("attack", ["os.system", "builtins.exec", "subprocess.Popen", "codecs"])
+def test_cifar_pickle_that_runs_code_is_refused_and_nothing_runs(tmp_path: Path, attack: str,
+                                                                 protocol: int) -> None:
+    import builtins
+    import codecs
+    import os
+
+    marker = tmp_path / "ran"
+    payload = {
+        "os.system": _Runs(os.system, f"touch {marker}"),
+        "builtins.exec": _Runs(builtins.exec, f"open({str(marker)!r}, 'w').close()"),
+        "subprocess.Popen": _Runs(subprocess.Popen, ["touch", str(marker)]),
+        "codecs": _Runs(codecs.encode, "abc", "rot13"),  # an allowed global, misused
+    }[attack]
+    root = tmp_path / "cifar-10-batches-py"
+    root.mkdir()
+    for i in range(1, 6):
+        dump(root / f"data_batch_{i}", cifar_batch(4, "labels", 10))
+    dump(root / "test_batch", cifar_batch(4, "labels", 10))
+    with open(root / "batches.meta", "wb") as f:  # the first file the converter reads
+        pickle.dump({"label_names": [f"c{i}" for i in range(10)], "evil": payload}, f, protocol=protocol)
+    if attack == "os.system" and protocol == 2:  # once through the command: one line, exit 2
+        proc = subprocess.run([sys.executable, "-m", "hpcbnn.data", "cifar", str(tmp_path), str(tmp_path / "c.h5")],
+                              capture_output=True, text=True, cwd=ROOT, timeout=60)
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and "batches.meta: not a CIFAR python batch" in lines[0], proc.stderr
+        assert "refusing to load it" in lines[0] and "Traceback" not in proc.stderr
+    else:
+        with pytest.raises(UsageError, match=r"batches.meta: not a CIFAR python batch \(.*refus"):
+            convert_cifar(tmp_path, tmp_path / "c.h5")
+    assert not marker.exists(), "the pickle's code ran"
+    assert not (tmp_path / "c.h5").exists()
+
+
+def test_cifar_batches_written_by_numpy_1_and_python_2_still_load(tmp_path: Path) -> None:
+    """The real CIFAR files: protocol 2 from Python 2, numpy.core.multiarray, byte strings read as latin1."""
+    from hpcbnn.data.convert import _unpickle
+
+    data = rng.integers(0, 256, (3, 3072), dtype=np.uint8)
+    raw = pickle.dumps({"data": data, "labels": [1, 2, 3]}, protocol=2)
+    raw = raw.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+    (tmp_path / "b").write_bytes(raw)
+    batch = _unpickle(tmp_path / "b")
+    np.testing.assert_array_equal(batch["data"], data)
+    assert batch["labels"] == [1, 2, 3]
+    (tmp_path / "list").write_bytes(pickle.dumps([1, 2], protocol=2))
+    with pytest.raises(UsageError, match="holds a list, not a dict"):
+        _unpickle(tmp_path / "list")
+
+
 def write_idx(path: Path, array: np.ndarray) -> None:
     """The IDX format: two zero bytes, type 0x08 (ubyte), the rank, big-endian sizes, the data."""
     raw = struct.pack(">BBBB", 0, 0, 8, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()

@@ -19,6 +19,11 @@ from typing import Any
 
 import numpy as np
 
+try:
+    from numpy._core import multiarray as _multiarray
+except ImportError:  # numpy 1
+    from numpy.core import multiarray as _multiarray  # type: ignore[no-redef]
+
 from hpcbnn.data.format import SCHEMA_VERSION, SPLITS, TASKS, DatasetWriter, Task, find_bad_values, open_h5
 from hpcbnn.errors import UsageError
 
@@ -195,13 +200,49 @@ def convert_npy(x_path: Path | str, y_path: Path | str, out: Path | str, **optio
     return convert_arrays(out, {"train": tuple(arrays)}, source=str(x_path), **options)
 
 
+def _latin1(text: str, encoding: str = "utf-8") -> bytes:
+    """How protocol-2 pickles written by Python 3 store bytes: `_codecs.encode(text, "latin1")`."""
+    if encoding != "latin1":
+        raise pickle.UnpicklingError(f"refuses _codecs.encode with encoding {encoding!r}")
+    return text.encode("latin1")
+
+
+# Every global a CIFAR python batch refers to: numpy arrays (as numpy 1 and numpy 2 name their
+# reconstructor) and the bytes of Python 3 protocol-2 pickles. Anything else (os.system,
+# builtins.eval, subprocess.Popen, ...) is refused before it is looked up, so nothing runs.
+CIFAR_PICKLE_GLOBALS: dict[tuple[str, str], Any] = {
+    **{(m, "_reconstruct"): _multiarray._reconstruct for m in ("numpy.core.multiarray", "numpy._core.multiarray")},
+    **{(m, "scalar"): _multiarray.scalar for m in ("numpy.core.multiarray", "numpy._core.multiarray")},
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): _latin1,
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Dicts, lists, strings, numbers and numpy arrays only: a pickle can run any code it
+    names, and a downloaded "CIFAR" directory is not necessarily what it claims to be."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return CIFAR_PICKLE_GLOBALS[module, name]
+        except KeyError:
+            raise pickle.UnpicklingError(
+                f"it refers to {module}.{name}, which CIFAR batches never do (only numpy arrays, "
+                "lists, strings and numbers); refusing to load it"
+            ) from None
+
+
 def _unpickle(path: Path) -> dict:
     """One CIFAR python batch (a pickled dict; written by Python 2, hence latin1)."""
     try:
         with open(path, "rb") as f:
-            return pickle.load(f, encoding="latin1")
-    except (OSError, pickle.UnpicklingError, EOFError) as exc:
+            batch = _CifarUnpickler(f, encoding="latin1").load()
+    except (OSError, pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError) as exc:
         raise UsageError(f"{path}: not a CIFAR python batch ({exc})") from None
+    if not isinstance(batch, dict):
+        raise UsageError(f"{path}: not a CIFAR python batch (it holds a {type(batch).__name__}, not a dict)")
+    return batch
 
 
 def _cifar_images(batch: dict, path: Path) -> np.ndarray:
