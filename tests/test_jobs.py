@@ -99,28 +99,121 @@ def test_pbs_directives_are_well_formed(script: Path) -> None:
     assert int(spec["ncpus"]) == int(spec["mpiprocs"]) * int(spec["ompthreads"])
 
 
-@pytest.mark.mpi
-def test_pbs_script_trains_in_a_pbs_job_environment(tmp_path: Path) -> None:
-    """No PBS server installs here, so the test sets what pbs_mom gives a job (job id,
-    node file with one line per rank, submission directory, ompthreads) and runs the
-    script: the real mpiexec, binding and training. Without qstat there is no walltime
-    timer, and nothing asks for a resubmission."""
-    ranks = 2
+def pbs_job(tmp_path: Path, ranks: int, **settings: str) -> dict[str, str]:
+    """What pbs_mom gives a job (job id, a node file with one line per rank, the submission
+    directory, ompthreads), since no PBS server installs here, plus the script's settings."""
     (tmp_path / "nodefile").write_text("localhost\n" * ranks)
-    env = {**os.environ, "PBS_JOBID": "4242.pbs-server", "PBS_JOBNAME": "hpcbnn",
-           "PBS_O_WORKDIR": str(tmp_path), "PBS_NODEFILE": str(tmp_path / "nodefile"),
-           "OMP_NUM_THREADS": "1", "MODE": "data", "BACKEND": "torch", "PYTHON": sys.executable,
-           "MPIEXEC_FLAGS": "--allow-run-as-root" if os.geteuid() == 0 else "",
-           "TRAIN_ARGS": " ".join(TINY)}
+    return {**os.environ, "PBS_JOBID": "4242.pbs-server", "PBS_JOBNAME": "hpcbnn",
+            "PBS_O_WORKDIR": str(tmp_path), "PBS_NODEFILE": str(tmp_path / "nodefile"),
+            "OMP_NUM_THREADS": "1", "PYTHON": sys.executable,
+            "MPIEXEC_FLAGS": "--allow-run-as-root" if os.geteuid() == 0 else "", **settings}
+
+
+def stub(path: Path, body: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("#!/bin/bash\n" + body)
+    path.chmod(0o755)
+    return path
+
+
+def qsub_stub(bin_dir: Path, calls: Path) -> None:
+    """qsub: records its arguments (one per line) and answers with the next job id."""
+    stub(bin_dir / "qsub", f'printf "%s\\n" "$@" > {calls}\necho 4243.pbs-server\n')
+
+
+def apptainer_stub(bin_dir: Path, env_dir: Path) -> Path:
+    """`apptainer exec` for a machine without Apptainer, doing what --cleanenv does: the
+    command sees only APPTAINERENV_X (as X) and the image's %environment. It refuses a call
+    without --cleanenv and writes each rank's environment to env_dir."""
+    python = stub(bin_dir / "image" / "python3", f'exec {sys.executable} "$@"\n')
+    env_dir.mkdir()
+    return stub(bin_dir / "apptainer", f"""set -eu
+[ "$1" = exec ] || {{ echo "apptainer stub: only exec" >&2; exit 64; }}
+shift; clean=0
+while [ $# -gt 0 ]; do
+  case $1 in --cleanenv) clean=1; shift ;; --nv) shift ;; --bind) shift 2 ;; -*) echo "unknown $1" >&2; exit 64 ;; *) break ;; esac
+done
+[ "$clean" = 1 ] || {{ echo "apptainer stub: called without --cleanenv" >&2; exit 64; }}
+[ -f "$1" ] || {{ echo "apptainer stub: no image $1" >&2; exit 64; }}
+shift
+vars=(HOME="$HOME" PATH={python.parent}:/usr/bin:/bin HDF5_USE_FILE_LOCKING=FALSE PYTHONUNBUFFERED=1)
+for v in $(compgen -e); do case $v in APPTAINERENV_*) vars+=("${{v#APPTAINERENV_}}=${{!v}}") ;; esac; done
+env -i "${{vars[@]}}" env > {env_dir}/rank-$$.env
+exec env -i "${{vars[@]}}" "$@"
+""")
+
+
+@pytest.mark.mpi
+def test_pbs_walltime_timer_checkpoints_and_resubmits_from_a_clean_image_environment(tmp_path: Path) -> None:
+    """The script's own logic with stub qstat and qsub (no PBS server installs here) and a
+    stub apptainer, around the real mpiexec, binding and training: qstat's walltime arms the
+    timer, its SIGUSR1 reaches the ranks through mpiexec, they checkpoint and exit 75, and
+    the script resubmits its copy with the count raised."""
+    bin_dir, run = tmp_path / "bin", tmp_path / "runs" / "hpcbnn-4242"
+    apptainer = apptainer_stub(bin_dir, tmp_path / "rank-env")
+    # qstat -f: once the first epoch is logged (the ranks are past start-up), a walltime whose
+    # WARN_SECONDS warning falls two seconds later.
+    stub(bin_dir / "qstat", f"""[ "$1 $2" = "-f 4242.pbs-server" ] || exit 1
+for _ in $(seq 900); do [ -s {run}/metrics.jsonl ] && break; sleep 0.2; done
+walltime=$((SECONDS + 2 + WARN_SECONDS))
+printf 'Job Id: 4242.pbs-server\n    Resource_List.walltime = %02d:%02d:%02d\n' \
+  $((walltime / 3600)) $((walltime % 3600 / 60)) $((walltime % 60))
+""")
+    qsub_stub(bin_dir, tmp_path / "qsub.args")
+    (tmp_path / "hpcbnn.sif").write_bytes(b"")
+    for name in ("2", "3", "16"):  # what an unquoted [32] or '[16, 8]' would glob to
+        (tmp_path / name).touch()
+    args = "--model mlp --epochs 200 --samples 2 --batch_size 32 --hidden '[16, 8]'"
+    env = pbs_job(tmp_path, 2, MODE="data", BACKEND="torch", TRAIN_ARGS=args, WARN_SECONDS="600",
+                  IMAGE=str(tmp_path / "hpcbnn.sif"), APPTAINER=str(apptainer), HOST_ONLY="leaks",
+                  PATH=f"{bin_dir}:{os.environ['PATH']}")
     proc = subprocess.run(["bash", str(PBS)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     text = proc.stdout + proc.stderr
-    assert proc.returncode == 0, text
-    run = tmp_path / "runs" / "hpcbnn-4242"
-    assert yaml.safe_load((run / "config.yaml").read_text())["mode"] == "data"
-    assert (run / "summary.json").is_file() and list((run / "checkpoints").glob("step-*.pt"))
-    assert (run / "job.pbs").read_text() == PBS.read_text(), "the copy a resubmission would use"
+    assert proc.returncode == 75, text
+    assert "walltime near, asking the ranks to checkpoint" in text and "exiting with 75" in text, text
+    assert "resubmitted as job 4243.pbs-server" in text, text
+    assert (tmp_path / "qsub.args").read_text().splitlines() == [
+        "-V", "-v", f"RUN_DIR={run},RESUBMIT_COUNT=1", str(run / "job.pbs")]
+    assert (run / "job.pbs").read_text() == PBS.read_text()
+    assert list((run / "checkpoints").glob("step-*.pt")) and not (run / "summary.json").exists()
+    assert yaml.safe_load((run / "config.yaml").read_text())["hidden"] == [16, 8]
+    envs = [dict(line.split("=", 1) for line in f.read_text().splitlines() if "=" in line)
+            for f in sorted((tmp_path / "rank-env").glob("*.env"))]
+    assert len(envs) == 2, "one container per rank"
+    assert sorted(e["OMPI_COMM_WORLD_RANK"] for e in envs) == ["0", "1"], "the launcher's wiring got in"
+    for e in envs:
+        assert (e["MASTER_ADDR"], e["MASTER_PORT"], e["OMP_NUM_THREADS"]) == ("localhost", "24242", "1")
+        assert "HOST_ONLY" not in e and "PBS_JOBID" not in e, "--cleanenv let the host environment in"
     cpus = bound_cpus(text)
-    assert len(cpus) == ranks and len(set(cpus)) == ranks, f"ranks not pinned to distinct cores: {cpus}"
+    assert len(cpus) == 2 and len(set(cpus)) == 2, f"ranks not pinned to distinct cores: {cpus}"
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("count, resubmitted", [(0, True), (3, False)])
+def test_pbs_resubmits_on_exit_75_until_max_resubmits(tmp_path: Path, count: int, resubmitted: bool) -> None:
+    """Ranks that exit 75 (checkpointed, as on SIGUSR1): resubmission with the count raised,
+    until RESUBMIT_COUNT reaches MAX_RESUBMITS. qstat fails, as on a site that hides it."""
+    bin_dir = tmp_path / "bin"
+    qsub_stub(bin_dir, tmp_path / "qsub.args")
+    stub(bin_dir / "qstat", "exit 1\n")
+    ranks = stub(tmp_path / "checkpointed", "exit 75\n")
+    env = pbs_job(tmp_path, 2, PYTHON=str(ranks), RESUBMIT_COUNT=str(count), MAX_RESUBMITS="3",
+                  PATH=f"{bin_dir}:{os.environ['PATH']}")
+    proc = subprocess.run(["bash", str(PBS)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 75, text
+    run = tmp_path / "runs" / "hpcbnn-4242"
+    if resubmitted:
+        assert (tmp_path / "qsub.args").read_text().splitlines()[2] == f"RUN_DIR={run},RESUBMIT_COUNT=1"
+    else:
+        assert not (tmp_path / "qsub.args").exists(), "resubmitted past MAX_RESUBMITS"
+        assert "already resubmitted 3 times (MAX_RESUBMITS)" in text
+
+
+def test_pbs_refuses_unbalanced_quotes_in_train_args(tmp_path: Path) -> None:
+    env = pbs_job(tmp_path, 1, TRAIN_ARGS="--hidden '[16, 8]")
+    proc = subprocess.run(["bash", str(PBS)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "TRAIN_ARGS=--hidden '[16, 8]: unbalanced quotes" in proc.stderr, proc.stderr
 
 
 # --- a real SLURM cluster ------------------------------------------------------------------
