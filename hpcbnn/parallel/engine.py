@@ -43,6 +43,18 @@ EVAL_STEP = -1  # a noise stream of its own: evaluation never reuses a training 
 AUGMENT_KEY, AUGMENT_STREAM = 0xA06, 2  # augmentation seeds never collide with any layer's noise
 
 
+def check_batch_norm(model: nn.Module, grid: ProcessGrid) -> None:
+    """Refuse to train BatchNorm on more than one data group: its batch statistics come from
+    each rank's B/D rows only, so the update would depend on the grid (no exactness)."""
+    norms = [name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if norms and grid.data_size > 1:
+        raise UsageError(
+            f"{grid.mode} mode on {grid.size} ranks has D={grid.data_size} data groups, but the model has "
+            f"BatchNorm layers ({norms[0]}, ...) whose statistics would cover one rank's rows only, not the "
+            "batch; use --mode sample (D=1) or a model without BatchNorm (mlp, vit, swin)"
+        )
+
+
 @dataclass
 class StepResult:
     loss: float
@@ -79,6 +91,8 @@ class Engine:
         amp: bool = False,
     ) -> None:
         grid.check(samples, batch_size)
+        if optimizer is not None:
+            check_batch_norm(model, grid)
         if objective not in OBJECTIVES:
             raise UsageError(f"unknown objective {objective!r}: choose one of {', '.join(OBJECTIVES)}")
         if augment_mode not in AUGMENT_MODES:
