@@ -25,14 +25,18 @@ from hpcbnn.mcmc.target import ShardedSum
 from hpcbnn.parallel.grid import ProcessGrid
 from hpcbnn.run.config import parse_options
 
+MAX_SHOWN = 40
+"""Parameters printed in the summary on stdout; summary.txt lists them all."""
+
 
 @dataclass
 class Options:
     """Sample a bundled model's posterior with NUTS or HMC over the process grid."""
 
-    model: Literal["covertype", "eight_schools", "gaussian", "linear"] = "eight_schools"
-    """covertype: Bayesian logistic regression (581,012 x 54 + intercept); eight_schools:
-    the hierarchical classic; gaussian: a dense 10-d Gaussian; linear: a conjugate regression."""
+    model: Literal["bnn", "covertype", "eight_schools", "gaussian", "linear"] = "eight_schools"
+    """bnn: the weights of a Bayesian MLP (--hidden) on --data; covertype: Bayesian logistic
+    regression (581,012 x 54 + intercept); eight_schools: the hierarchical classic;
+    gaussian: a dense 10-d Gaussian; linear: a conjugate regression."""
     kernel: Literal["nuts", "hmc"] = "nuts"
     """NUTS (multinomial, generalised U-turn) or HMC with --num_steps leapfrog steps."""
     chains: int = 4
@@ -58,11 +62,15 @@ class Options:
     sample_group: Optional[int] = None
     """hybrid: K ranks per sample group (default: the ranks per node)."""
     data: Optional[str] = None
-    """covertype: an HDF5 file in hpcbnn's data format (default: covertype-shaped synthetic data)."""
+    """An HDF5 file in hpcbnn's data format: its train split (bnn: required; covertype:
+    default covertype-shaped synthetic data)."""
+    hidden: str = "50,50"
+    """bnn: the MLP's hidden widths, comma-separated."""
     positive_class: int = 1
     """covertype from --data: the class labelled 1, all others 0."""
     rows: Optional[int] = None
-    """Rows of the synthetic covertype set (default 581,012) or of the linear regression (1,000)."""
+    """Rows of the synthetic covertype set (default 581,012), of the linear regression (1,000),
+    or the first rows of the bnn's training split (default all)."""
     device: str = "cpu"
     """covertype: where the features live and the products run, e.g. cuda:0."""
     out: str = "runs/mcmc"
@@ -99,6 +107,21 @@ def check(opts: Options, grid: ProcessGrid) -> None:
         raise UsageError(f"--device {opts.device}: CUDA is not available here; use --device cpu")
     if opts.rows is not None and opts.rows < grid.data_size:
         raise UsageError(f"--rows {opts.rows} is fewer than the D={grid.data_size} data groups")
+    if opts.model == "bnn":
+        if opts.data is None:
+            raise UsageError("--model bnn needs --data FILE.h5 (convert one with python -m hpcbnn.data)")
+        hidden_widths(opts.hidden)
+
+
+def hidden_widths(text: str) -> list[int]:
+    """--hidden 50,50 -> [50, 50]."""
+    try:
+        widths = [int(w) for w in text.split(",")]
+    except ValueError:
+        widths = []
+    if not widths or min(widths) < 1:
+        raise UsageError(f"--hidden {text!r}: give positive widths separated by commas, e.g. 50,50")
+    return widths
 
 
 def problem(opts: Options, grid: ProcessGrid) -> models.Problem:
@@ -114,6 +137,9 @@ def problem(opts: Options, grid: ProcessGrid) -> models.Problem:
             comm=grid.world,
             device=opts.device,
         )
+    elif opts.model == "bnn":
+        assert opts.data is not None, "check() requires --data"
+        built = models.bnn_problem(opts.data, hidden_widths(opts.hidden), d, n, grid.world, opts.rows)
     elif opts.model == "linear":
         built = models.linear_problem(d, n, rows=opts.rows or 1000, seed=opts.seed)
     elif opts.model == "gaussian":
@@ -189,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         target_accept=opts.target_accept,
         step_size=opts.step_size,
         adapt_mass=opts.adapt_mass,
+        init=None if built.init is None else built.init(opts.seed, chains),
         progress=reporter,
     )
     posterior = results.gather(draws, built.constrain, built.names, grid)
@@ -203,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{' '.join(f'{b:.2f}' for b in bfmi)}; mean tree depth "
         f"{posterior.stats['tree_depth'].mean():.1f}"
     )
-    print(text + "\n" + footer, flush=True)
+    shown = text if len(posterior.names) <= MAX_SHOWN else results.table(summary, posterior.names, MAX_SHOWN)
+    print(shown + "\n" + footer, flush=True)
     (out / "summary.txt").write_text(text + "\n" + footer + "\n")
     results.save(posterior, summary, out / "draws.h5", {**asdict(opts), "ranks": grid.size, "grid": grid.describe()})
     if opts.plots:

@@ -17,10 +17,16 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from hpcbnn.bnn.bayesianize import bayesianize
+from hpcbnn.bnn.layers import BayesianModule
+from hpcbnn.bnn.models import mlp
+from hpcbnn.bnn.noise import current
+from hpcbnn.bnn.objectives import gaussian_params
 from hpcbnn.errors import UsageError
+from hpcbnn.mcmc import rng
 from hpcbnn.mcmc.hmc import Target
-from hpcbnn.mcmc.target import ModelTarget
-from hpcbnn.ppl.random_variable import Bernoulli, HalfCauchy, MultivariateNormal, Normal
+from hpcbnn.mcmc.target import ModelTarget, NetworkTarget
+from hpcbnn.ppl.random_variable import Bernoulli, Categorical, HalfCauchy, MultivariateNormal, Normal
 
 COVERTYPE_ROWS = 581_012
 COVERTYPE_FEATURES = 54  # 10 quantitative, 4 wilderness areas, 40 soil types; plus an intercept
@@ -149,6 +155,8 @@ class Problem:
     """theta [n, dim] -> the named parameters [n, len(names)] in their own space."""
     splittable: bool
     """Whether the likelihood can be split over data ranks (a model with data rows)."""
+    init: Callable[[int, Tensor], Tensor] | None = None
+    """(seed, chains) -> initial theta [chains, dim]; None: the sampler's default."""
 
 
 def _traced(
@@ -240,3 +248,77 @@ def _covertype_file(
     x = np.concatenate([(x - info.mean) / std, np.ones((len(x), 1))], axis=1)
     y = torch.from_numpy(labels == positive_class).to(dtype)
     return torch.from_numpy(x).to(dtype).contiguous(), y
+
+
+def bnn(net: torch.nn.Module, x: Tensor, task: str) -> None:
+    """y | x, w: a Bayesian network's likelihood, for every weight sample of the context.
+
+    Classification: y ~ Categorical(logits); regression: the heteroscedastic Gaussian head
+    of the variational BNN (`gaussian_params`), so HMC and VI fit the same model. The
+    weights are the network's random variables, with its layers' priors.
+    """
+    k = len(current().samples)  # type: ignore[union-attr]
+    out = net(x.expand(k, *x.shape).reshape(k * x.shape[0], *x.shape[1:])).view(k, x.shape[0], -1)
+    if task == "classification":
+        Categorical(logits=out, name="y")
+    else:
+        Normal(*gaussian_params(out), name="y")
+
+
+def bnn_network(input_shape: tuple[int, ...], hidden: list[int], outputs: int) -> torch.nn.Module:
+    """The MLP of `python -m hpcbnn.mcmc --model bnn`, Bayesian, float64, its posterior
+    parameters frozen (the sampler moves the weights, nothing trains the posterior)."""
+    torch.manual_seed(0)
+    net = bayesianize(mlp(math.prod(input_shape), hidden, outputs)).double()
+    return net.requires_grad_(False)
+
+
+def bnn_problem(
+    path: str, hidden: list[int], data_rank: int, data_size: int, comm: Any = None, rows: int | None = None
+) -> Problem:
+    """HMC over the weights of a Bayesian MLP on the train split of the HDF5 file at `path`
+    (inputs standardised per channel, regression targets as the loader normalises them;
+    the first `rows` examples when given), this data rank's rows only. Chains start at a
+    draw from the prior."""
+    from hpcbnn.data import open_dataset
+
+    info = open_dataset(path, "train", comm=comm)
+    outputs = info.num_classes * (1 if info.task == "classification" else 2)
+    net = bnn_network(info.input_shape, hidden, outputs)
+    n = min(rows or info.n, info.n)
+    if n < data_size:
+        raise UsageError(f"{path}: {n} training rows are fewer than the D={data_size} data groups")
+    x, y = bnn_rows(info, *shard_rows(n, data_rank, data_size))
+    target = NetworkTarget(bnn, net, x, info.task, observed={"y": y}, prior=data_rank == 0)
+    layout = target.layout
+    scales = torch.cat(
+        [torch.full((v.size,), _layer_of(net, v.name).prior_scale, dtype=torch.float64) for v in layout.latents]
+    )
+
+    def init(seed: int, chains: Tensor) -> Tensor:
+        return rng.normal(seed, chains, 0, rng.Stream.INIT, n=layout.dim) * scales
+
+    return Problem(
+        target, target.dim, layout.names(), lambda theta: layout.flatten(layout.constrain(theta)[0]), True, init
+    )
+
+
+def bnn_rows(info: Any, start: int, stop: int) -> tuple[Tensor, Tensor]:
+    """Rows [start, stop) of a split as float64 inputs standardised as the loader does, and targets."""
+    from hpcbnn.data.format import open_h5
+
+    with open_h5(info.path) as f:
+        x = np.asarray(f[info.split]["x"][start:stop], dtype=np.float64)
+        y = np.asarray(f[info.split]["y"][start:stop])
+    shape = (1, -1) + (1,) * (len(info.input_shape) - 1)
+    x = (x - info.mean.reshape(shape)) / info.std.reshape(shape)
+    if info.task == "classification":
+        return torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
+    y = (y - info.target_mean) / info.target_std
+    return torch.from_numpy(x), torch.from_numpy(y.astype(np.float64)).reshape(len(y), -1)
+
+
+def _layer_of(net: torch.nn.Module, variable: str) -> BayesianModule:
+    layer = net.get_submodule(variable.rpartition(".")[0])
+    assert isinstance(layer, BayesianModule)
+    return layer

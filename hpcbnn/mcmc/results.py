@@ -87,7 +87,7 @@ def save(posterior: Posterior, summary: Mapping[str, np.ndarray], path: Path, at
     """Write the HDF5 file atomically (temporary file + rename)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with h5py.File(tmp, "w") as f:
+        with h5py.File(tmp, "w", libver="latest") as f:  # dense attributes: a network's names exceed 64 KiB
             f.create_dataset("draws", data=posterior.draws)
             f["draws"].attrs["names"] = posterior.names
             for key, value in posterior.stats.items():
@@ -128,13 +128,13 @@ def to_inference_data(path: Path | str) -> arviz.InferenceData:
         step_size = f["adaptation/step_size"][()]
         attrs = {k: v.item() if isinstance(v, np.generic) else v for k, v in f.attrs.items()}
     chains, n = draws.shape[:2]
-    posterior = {name: draws[:, :, cols].reshape(chains, n, *shape) for name, cols, shape in _latents(names)}
+    posterior = {name: draws[:, :, cols].reshape(chains, n, *shape) for name, cols, shape in latents(names)}
     sample_stats = {ARVIZ_STATS.get(k, k): v for k, v in stats.items()}
     sample_stats["step_size"] = np.broadcast_to(step_size[:, None], (chains, n)).copy()
     return arviz.from_dict(posterior=posterior, sample_stats=sample_stats, attrs=attrs)
 
 
-def _latents(names: list[str]) -> list[tuple[str, np.ndarray, tuple[int, ...]]]:
+def latents(names: list[str]) -> list[tuple[str, np.ndarray, tuple[int, ...]]]:
     """Group the scalar names `w[0,1]` of each latent: (latent, its columns in row-major order, its shape)."""
     index: dict[str, dict[tuple[int, ...], int]] = {}
     for col, name in enumerate(names):
@@ -150,16 +150,25 @@ def _latents(names: list[str]) -> list[tuple[str, np.ndarray, tuple[int, ...]]]:
     return out
 
 
-def table(summary: Mapping[str, np.ndarray], names: list[str]) -> str:
-    """The summary as aligned text, one parameter per row."""
+def table(summary: Mapping[str, np.ndarray], names: list[str], limit: int | None = None) -> str:
+    """The summary as aligned text, one parameter per row; with `limit`, only the `limit`
+    parameters of largest R-hat (the least converged) and a line on the rest."""
     header = ["", "mean", "sd", "5%", "50%", "95%", "mcse", "ess_bulk", "ess_tail", "r_hat"]
     keys = ["mean", "sd", "q5", "q50", "q95", "mcse_mean", "ess_bulk", "ess_tail", "r_hat"]
-    rows = [[name] + [_number(key, summary[key][i]) for key in keys] for i, name in enumerate(names)]
+    shown: list[int] = list(range(len(names)))
+    if limit is not None and limit < len(names):
+        shown = sorted(np.argsort(-np.nan_to_num(summary["r_hat"], nan=-np.inf), kind="stable")[:limit].tolist())
+    rows = [[names[i]] + [_number(key, summary[key][i]) for key in keys] for i in shown]
     widths = [max(len(r[c]) for r in [header] + rows) for c in range(len(header))]
     lines = [
         "  ".join(cell.ljust(w) if c == 0 else cell.rjust(w) for c, (cell, w) in enumerate(zip(row, widths)))
         for row in [header] + rows
     ]
+    if len(rows) < len(names):
+        lines.append(
+            f"({len(rows)} of {len(names)} parameters: those of largest r_hat; over all: r_hat max "
+            f"{np.nanmax(summary['r_hat']):.2f}, ess_bulk min {np.nanmin(summary['ess_bulk']):.0f})"
+        )
     return "\n".join(lines)
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +26,7 @@ from mpi4py import MPI
 from torch import Tensor
 from torch.distributions import Distribution, Transform, biject_to
 
+from hpcbnn.bnn.noise import sampling
 from hpcbnn.mcmc.hmc import Target
 from hpcbnn.ppl.tracing import condition, tape
 
@@ -92,29 +93,39 @@ class ModelTarget:
         self, model: Callable[..., Any], *args: Any, observed: Mapping[str, Tensor], prior: bool = True
     ) -> None:
         self.model, self.args, self.observed, self.prior = model, args, dict(observed), prior
-        with tape() as rvs:
+        with tape() as rvs, self.chains(1):
             condition(model, **self.observed)(*args)
         missing = self.observed.keys() - rvs.keys()
         if missing:
             raise ValueError(f"the model has no random variable named {sorted(missing)}")
         self.layout = Layout(
             [
-                Latent(name, rv.value.shape, biject_to(rv.distribution.support))
+                Latent(name, self.shape(rv.value), biject_to(rv.distribution.support))
                 for name, rv in rvs.items()
                 if name not in self.observed
             ]
         )
         self.dim = self.layout.dim
 
+    def chains(self, n: int) -> AbstractContextManager[Any]:
+        """The context the model runs in for `n` chains: none, the values carry the chains."""
+        return nullcontext()
+
+    def shape(self, value: Tensor) -> torch.Size:
+        """A latent's shape per chain, from its value in the one-chain run of `__init__`."""
+        return value.shape
+
     def log_density(self, theta: Tensor) -> Tensor:
-        """log p [chains] at unconstrained theta [chains, dim] (differentiable)."""
+        """log p [chains] at unconstrained theta [chains, dim] (differentiable).
+
+        A variable with a prior (a Bayesian layer's weight) is scored under the prior."""
         values, log_det = self.layout.constrain(theta)
         total = log_det if self.prior else torch.zeros_like(log_det)
-        with tape() as rvs, _unvalidated():
+        with tape() as rvs, _unvalidated(), self.chains(len(theta)):
             condition(self.model, **values, **self.observed)(*self.args)
             for name, rv in rvs.items():
                 if self.prior or name in self.observed:
-                    total = total + rv.distribution.log_prob(rv.value).reshape(len(theta), -1).sum(-1)
+                    total = total + rv.model_log_prob().reshape(len(theta), -1).sum(-1)
         return total
 
     def __call__(self, theta: Tensor) -> tuple[Tensor, Tensor]:
@@ -123,6 +134,22 @@ class ModelTarget:
             lp = self.log_density(theta)
             (grad,) = torch.autograd.grad(lp.sum(), theta)
         return lp.detach(), grad
+
+
+class NetworkTarget(ModelTarget):
+    """A `ModelTarget` whose latents are the weights of Bayesian layers (hpcbnn.bnn.variables).
+
+    The model runs inside `sampling(0, 0, range(chains))`, so each layer evaluates every
+    chain's weights in one batched op: the program stacks its inputs once per sample
+    (`len(current().samples)` of them), as for the variational predictive. Every latent
+    must carry that samples dimension first, as the layers' weights do.
+    """
+
+    def chains(self, n: int) -> AbstractContextManager[Any]:
+        return sampling(0, 0, range(n))
+
+    def shape(self, value: Tensor) -> torch.Size:
+        return value.shape[1:]
 
 
 @contextmanager

@@ -9,20 +9,29 @@ are exact too.
 
     metrics = evaluate(engine, Loader(path, "test", grid, ...), samples=32, task="classification")
     metrics, ood = evaluate_uncertainty(engine, test_loader, 32, "classification", ood=ood_loader)
+
+The predictor is an `Engine` (the variational posterior's S weight samples) or a
+`DrawsPredictor`, whose samples are given weights, e.g. the draws of an MCMC posterior:
+
+    hmc = DrawsPredictor(net, {"1.weight": w [S, 50, 64], ...}, grid)
+    metrics, ood = evaluate_uncertainty(hmc, test_loader, S, "classification", ood=ood_loader)
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterator, Mapping
+from typing import Any, Protocol
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from hpcbnn.bnn.noise import sampling
 from hpcbnn.bnn.objectives import gaussian_params
 from hpcbnn.data import DatasetInfo, Loader
-from hpcbnn.parallel.engine import Engine
+from hpcbnn.errors import UsageError
+from hpcbnn.parallel.grid import ProcessGrid
+from hpcbnn.ppl.tracing import condition
 from hpcbnn.uq.metrics import (
     Sums,
     allreduce_sums,
@@ -34,13 +43,60 @@ from hpcbnn.uq.metrics import (
 from hpcbnn.uq.ood import gather, ood_detection, risk_coverage, uncertainty_scores
 
 
-def evaluate(engine: Engine, loader: Loader, samples: int, task: str, bins: int = 15) -> dict[str, Any]:
+class Predictor(Protocol):
+    """What evaluation needs: the model (switched to eval mode), the grid, and the outputs
+    of all S samples on this data group's rows (`Engine.predict`)."""
+
+    model: nn.Module
+    grid: ProcessGrid
+
+    def predict(self, x: Tensor, rows: slice, global_batch: int, samples: int) -> Tensor: ...
+
+
+class DrawsPredictor:
+    """The predictive whose samples are given weights: `draws` maps each Bayesian layer's
+    variable name (`1.weight`, ...) to S values [S, *shape], such as an HMC posterior's.
+
+    Each rank of a sample group evaluates its share of the S samples (the grid's
+    `local_samples`), conditioning the network's weights on them; the shares are joined
+    over the sample communicator in sample order.
+    """
+
+    def __init__(self, model: nn.Module, draws: Mapping[str, Tensor], grid: ProcessGrid) -> None:
+        sizes = {len(v) for v in draws.values()}
+        if len(sizes) != 1:
+            raise ValueError(f"every variable needs the same number of draws, not {sorted(sizes)}")
+        self.model, self.draws, self.grid = model, dict(draws), grid
+        self.size = sizes.pop()
+        self.dtype = next(iter(draws.values())).dtype
+
+    @torch.no_grad()
+    def predict(self, x: Tensor, rows: slice, global_batch: int, samples: int) -> Tensor:
+        """Outputs [samples, B_local, ...] of the first `samples` draws on this data group's rows."""
+        if samples > self.size or samples % self.grid.sample_size:
+            raise UsageError(
+                f"--samples {samples}: the posterior has {self.size} draws and the K={self.grid.sample_size} "
+                f"ranks of a sample group split them evenly; use at most {self.size}, a multiple of K"
+            )
+        local = self.grid.local_samples(samples)
+        k, b = len(local), x.shape[0]
+        values = {name: v[local.start : local.stop] for name, v in self.draws.items()}
+        with sampling(0, 0, range(k), rows, global_batch), condition(**values):
+            out = self.model(x.to(self.dtype).expand(k, *x.shape).reshape(k * b, *x.shape[1:]))
+        out = out.view(k, b, *out.shape[1:])
+        if self.grid.sample_size == 1:
+            return out
+        parts = self.grid.sample_comm.allgather(out.cpu().numpy())
+        return torch.from_numpy(np.concatenate(parts)).to(out.device)
+
+
+def evaluate(engine: Predictor, loader: Loader, samples: int, task: str, bins: int = 15) -> dict[str, Any]:
     """Metrics of the `samples`-sample predictive on every example of `loader`'s split."""
     return _evaluate(engine, loader, samples, task, bins, scores=False)[0]
 
 
 def evaluate_uncertainty(
-    engine: Engine, loader: Loader, samples: int, task: str, bins: int = 15, ood: Loader | None = None
+    engine: Predictor, loader: Loader, samples: int, task: str, bins: int = 15, ood: Loader | None = None
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """`evaluate`'s metrics plus, for classification, selective prediction (metrics["selective"]:
     risk-coverage curve and AURC), and OOD detection of `ood`'s examples against `loader`'s
@@ -62,7 +118,7 @@ def evaluate_uncertainty(
 
 
 def _evaluate(
-    engine: Engine, loader: Loader, samples: int, task: str, bins: int, scores: bool
+    engine: Predictor, loader: Loader, samples: int, task: str, bins: int, scores: bool
 ) -> tuple[dict[str, Any], dict[str, np.ndarray] | None]:
     """The finalized metrics and, with `scores`, every example's uncertainty scores and
     correctness, gathered over the data communicator."""
@@ -89,7 +145,7 @@ def _evaluate(
 
 
 @torch.no_grad()
-def _predictions(engine: Engine, loader: Loader, samples: int) -> Iterator[tuple[Tensor, Tensor]]:
+def _predictions(engine: Predictor, loader: Loader, samples: int) -> Iterator[tuple[Tensor, Tensor]]:
     """The S-sample outputs [S, n, ...] and targets of this data group's rows, batch by batch,
     without the fill-up rows of a last batch (every example counts once)."""
     engine.model.eval()
