@@ -3,6 +3,8 @@
 The metrics come from `hpcbnn.parallel.evaluation`; this module is the command line. It
 writes RUN_DIR/evaluation.json: the split's metrics, selective prediction and, with an OOD
 set (by default the run's --ood), AUROC and FPR at 95% TPR by each uncertainty score.
+An MCMC run directory (draws.h5 of `python -m hpcbnn.mcmc --model bnn`) is evaluated by
+`hpcbnn.mcmc.evaluate`: its draws are the predictive's samples.
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ def main(argv: list[str] | None = None) -> int:
             "(under mpirun with any grid, or in one process); writes RUN_DIR/evaluation.json."
         ),
     )
-    parser.add_argument("run_dir", type=Path, help="a run directory written by hpcbnn.train")
+    parser.add_argument(
+        "run_dir", type=Path, help="a run directory written by hpcbnn.train, or by hpcbnn.mcmc --model bnn"
+    )
     parser.add_argument("--samples", type=int, help="predictive samples (default: the run's eval_samples)")
     parser.add_argument("--split", default="test", choices=("train", "val", "test"))
     parser.add_argument(
@@ -50,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sample_group", type=int, help="hybrid: K ranks per sample group")
     parser.add_argument("--backend", choices=BACKENDS, help="collectives (default: the run's)")
     args = parser.parse_args(argv)
+    if (args.run_dir / "draws.h5").is_file():
+        from hpcbnn.mcmc.evaluate import evaluate_draws
+
+        return evaluate_draws(args)
     cfg = load_config(args.run_dir / "config.yaml")
     samples = args.samples or cfg.eval_samples or cfg.samples
     job = Job.start(cfg, [samples], mode=args.mode, sample_group=args.sample_group, backend=args.backend)
