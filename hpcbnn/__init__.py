@@ -37,12 +37,15 @@ _EXPORTS = {
     "make_collectives": "hpcbnn.parallel.collectives",
     "Engine": "hpcbnn.parallel.engine",
     "evaluate": "hpcbnn.parallel.evaluation",
+    "evaluate_uncertainty": "hpcbnn.parallel.evaluation",
+    "DrawsPredictor": "hpcbnn.parallel.evaluation",
     "make_optimizer": "hpcbnn.optim.optimizers",
     "make_schedule": "hpcbnn.optim.optimizers",
     "RandomVariable": "hpcbnn.ppl.random_variable",
     "tape": "hpcbnn.ppl.tracing",
     "condition": "hpcbnn.ppl.tracing",
     "log_joint": "hpcbnn.ppl.tracing",
+    "NetworkTarget": "hpcbnn.mcmc.target",
     "UsageError": "hpcbnn.errors",
 }
 
