@@ -8,7 +8,10 @@ communicator's shards with one Allreduce per leapfrog step.
                                     prior=grid.data_rank == 0), grid.data_comm)
     draws = sample(target, target.local.dim, chains, seed=0, num_warmup=1000, num_draws=1000)
 
-`python -m hpcbnn.mcmc --help` runs the bundled examples; docs/mcmc.md has the details.
+A Bayesian network's weights are random variables (hpcbnn.bnn.variables), so
+`NetworkTarget` samples them the same way: `python -m hpcbnn.mcmc --model bnn --data
+FILE.h5 --hidden 50,50`. `python -m hpcbnn.mcmc --help` runs the bundled examples;
+docs/mcmc.md has the details.
 """
 
 from hpcbnn.mcmc.diagnostics import ess_bulk, ess_tail, rhat, summary
@@ -16,12 +19,13 @@ from hpcbnn.mcmc.hmc import Phase, Stats, Target, hmc, leapfrog
 from hpcbnn.mcmc.nuts import nuts
 from hpcbnn.mcmc.results import to_inference_data
 from hpcbnn.mcmc.sampler import Draws, sample
-from hpcbnn.mcmc.target import Layout, ModelTarget, ShardedSum
+from hpcbnn.mcmc.target import Layout, ModelTarget, NetworkTarget, ShardedSum
 
 __all__ = [
     "Draws",
     "Layout",
     "ModelTarget",
+    "NetworkTarget",
     "Phase",
     "ShardedSum",
     "Stats",
