@@ -2,11 +2,13 @@
 
 Linear, Conv1d, Conv2d and MultiheadAttention layers become mean-field Gaussian layers
 whose posterior means are the layer's current weights (so a pretrained network becomes a
-Bayesian one centred on it), and every BatchNorm keeps its statistics per sample.
+Bayesian one centred on it), and every BatchNorm keeps its statistics per sample. With
+`components=K` the posterior is a uniform mixture of K such networks (`hpcbnn.bnn.mixture`).
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any, Union
 
@@ -21,6 +23,7 @@ from hpcbnn.bnn.layers import (
     BayesianMultiheadAttention,
     Scale,
 )
+from hpcbnn.bnn.mixture import Mixture
 from hpcbnn.bnn.noise import assign_noise_keys
 from hpcbnn.errors import UsageError
 
@@ -73,6 +76,7 @@ def bayesianize(
     prior_scale: Scale = FAN_IN,
     init_std: Scale = FAN_IN,
     estimator: str = "reparam",
+    components: int = 1,
 ) -> nn.Module:
     """Make the selected layers of `model` Bayesian and return the model.
 
@@ -80,12 +84,30 @@ def bayesianize(
     predicate `f(qualified_name, module) -> bool`. `prior_scale`, `init_std`: numbers, or
     "fan_in" to scale each layer's prior and initial sigma with its fan-in (see
     `hpcbnn.bnn.layers`). Returns a new object only when `model` itself is a single
-    convertible layer.
+    convertible layer, or with `components` > 1: then a `Mixture` whose first component
+    is `model` (its means are `model`'s weights) and whose others are copies with freshly
+    initialised means (drawn from torch's global RNG, in order).
     """
+    if components < 1:
+        raise UsageError(f"components {components}: a posterior has at least 1 component")
+    if components == 1:
+        return _convert(model, layers, {"prior_scale": prior_scale, "init_std": init_std, "estimator": estimator})
+    copies = [copy.deepcopy(model) for _ in range(components - 1)]
+    for c in copies:
+        for m in c.modules():
+            reset = getattr(m, "reset_parameters", None) or getattr(m, "_reset_parameters", None)
+            if callable(reset):
+                reset()
+    kw = {"prior_scale": prior_scale, "init_std": init_std, "estimator": estimator}
+    mixture = Mixture([_convert(m, layers, kw) for m in (model, *copies)])
+    assign_noise_keys(mixture)
+    return mixture
+
+
+def _convert(model: nn.Module, layers: Selection, kw: dict[str, Any]) -> nn.Module:
     chosen = _select(candidates(model), layers)
     if not chosen:
         raise UsageError("bayesianize: no layer selected; check the layers= option")
-    kw = {"prior_scale": prior_scale, "init_std": init_std, "estimator": estimator}
     for name, module in chosen:
         bayesian = _conversion(module).from_module(module, **kw)
         if not name:

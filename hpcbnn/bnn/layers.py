@@ -65,7 +65,14 @@ def resolve_scale(value: Scale, weight_shape: Sequence[int], fraction: float = 1
     return float(value)
 
 
-class BayesianModule(nn.Module):
+class KLTerm(nn.Module):
+    """A module with a closed-form KL(q || p) of its own: a Bayesian layer, or a mixture of networks."""
+
+    def kl(self) -> Tensor:
+        raise NotImplementedError
+
+
+class BayesianModule(KLTerm):
     """Posterior N(weight_mu, softplus(weight_rho)^2) per weight (and bias), prior N(0, prior_scale^2).
 
     `prior_scale` and `init_std` are numbers or "fan_in" (He std, resp. INIT_FRACTION of it);
@@ -662,8 +669,12 @@ SAMPLE_BATCH_NORM: dict[type[nn.Module], type[_BatchNorm]] = {
 
 
 def kl_divergence(model: nn.Module) -> Tensor:
-    """The closed-form KL(q || p) summed over all Bayesian layers of `model`."""
-    terms = [m.kl() for m in model.modules() if isinstance(m, BayesianModule)]
+    """The closed-form KL(q || p) of `model`: the sum over its outermost KL terms (layers, mixtures)."""
+
+    def terms_of(m: nn.Module) -> list[Tensor]:
+        return [m.kl()] if isinstance(m, KLTerm) else [t for c in m.children() for t in terms_of(c)]
+
+    terms = terms_of(model)
     if not terms:
         raise UsageError("the model has no Bayesian layer: bayesianize it first")
     return torch.stack(terms).sum()
