@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -27,12 +28,36 @@ def train(np: int, run_dir: Path, *args: str, timeout: float = 300):  # type: ig
     return run_mpi(np, ["-m", "hpcbnn.train", "--run_dir", str(run_dir), *args], timeout=timeout)
 
 
+TINY64 = [*TINY, "--dtype", "float64"]  # float64: the grids agree to its rounding
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict]:
+    """The run every grid must reproduce: its final parameters and its summary."""
+    run_dir = tmp_path_factory.mktemp("one-process") / "run"
+    result = train(1, run_dir, *TINY64)
+    assert result.returncode == 0, result.output
+    return _final_state(run_dir)["model"], json.loads((run_dir / "summary.json").read_text())
+
+
+def numbers(record: object, prefix: str = "") -> dict[str, float]:
+    """The numeric leaves of a JSON record by path."""
+    if isinstance(record, dict):
+        return {k: v for key, value in record.items() for k, v in numbers(value, f"{prefix}{key}.").items()}
+    if isinstance(record, list):
+        return {k: v for i, value in enumerate(record) for k, v in numbers(value, f"{prefix}{i}.").items()}
+    return {prefix.rstrip("."): float(record)} if isinstance(record, (int, float)) else {}
+
+
 @pytest.mark.mpi
-@pytest.mark.parametrize("np, mode", [(2, "sample"), (4, "sample"), (4, "data"), (4, "hybrid")])
-def test_run_learns_and_writes_a_complete_run_directory(tmp_path: Path, np: int, mode: str) -> None:
+@pytest.mark.parametrize("np, mode", [(2, "sample"), (2, "data"), (4, "sample"), (4, "data"), (4, "hybrid")])
+def test_run_learns_and_writes_a_complete_run_directory(one_process: tuple[dict, dict], tmp_path: Path, np: int,
+                                                        mode: str) -> None:
+    """Every grid trains the one-process model: the same parameters, per tensor and element, and
+    the same test, OOD and posterior metrics, to float64 rounding (the grid-exactness of MISSION.md)."""
     run_dir = tmp_path / "run"
     extra = ["--sample_group", "2"] if mode == "hybrid" else []
-    result = train(np, run_dir, *TINY, "--mode", mode, *extra)
+    result = train(np, run_dir, *TINY64, "--mode", mode, *extra)
     assert result.returncode == 0, result.output
     assert result.stderr.count("hpcbnn.train: done.") == 1  # rank 0 only
     assert f"Results in {run_dir}" in result.stderr
@@ -61,7 +86,20 @@ def test_run_learns_and_writes_a_complete_run_directory(tmp_path: Path, np: int,
     for picture in ("reliability.png", "uncertainty.png", "curves.png"):
         assert (run_dir / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", picture
     assert list((run_dir / "checkpoints").glob("step-*.pt"))
-    if np > 2:
+
+    want_params, want_summary = one_process
+    params = _final_state(run_dir)["model"]
+    assert params.keys() == want_params.keys()
+    for name, want in want_params.items():
+        error = (params[name] - want).abs().max().item()
+        assert error <= 1e-10 * max(1.0, want.abs().max().item()), f"{name} differs by {error:.2e} ({np} ranks, {mode})"
+    got, want_numbers = numbers(summary), numbers(want_summary)
+    compared = [k for k in want_numbers if k.split(".")[0] in ("test", "ood", "posterior")]
+    assert {"test.accuracy", "test.nll", "test.ece", "ood.auroc_mi", "posterior.kl_per_n"} <= set(compared)
+    for key in compared:
+        assert math.isclose(got[key], want_numbers[key], rel_tol=1e-9, abs_tol=1e-12), (
+            f"{key}: {got[key]!r} on {np} ranks ({mode}), {want_numbers[key]!r} on one")
+    if np > 2 or mode != "sample":
         return  # the commands on a run directory: once is enough
 
     again = run_mpi(1, ["-m", "hpcbnn.evaluate", str(run_dir), "--samples", "8"], timeout=120)
@@ -125,16 +163,34 @@ def _final_state(run_dir: Path) -> dict:
     return load_checkpoint(latest_checkpoint(run_dir), model_fingerprint(model))
 
 
+def _epochs(run_dir: Path) -> list[int]:
+    return [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 @pytest.mark.mpi
-def test_corrupt_checkpoint_is_refused(tmp_path: Path) -> None:
+def test_a_damaged_latest_checkpoint_falls_back_and_no_epoch_is_logged_twice(tmp_path: Path) -> None:
+    """Checkpoints every 2 epochs; the last one (epoch 3) is damaged, as by a run killed between
+    logging epoch 3 and checkpointing it: the resume warns, continues from epoch 2, and logs
+    epoch 3 once. With every checkpoint damaged, the resume is refused."""
     run_dir = tmp_path / "run"
-    assert train(2, run_dir, *TINY).returncode == 0
-    last = latest_checkpoint(run_dir)
+    common = [*TINY, "--checkpoint_every", "2"]
+    assert train(2, run_dir, *common, "--epochs", "3").returncode == 0
+    older, last = (run_dir / "checkpoints" / f"step-{n * (1257 // 32):06d}.pt" for n in (2, 3))
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
-    result = train(2, run_dir, *TINY, "--epochs", "3", "--resume", "true", timeout=120)
-    assert result.returncode != 0
-    assert result.stderr.count(f"checkpoint {last} is truncated") == 1, result.output
-    assert "Traceback" not in result.output
+    result = train(2, run_dir, *common, "--epochs", "4", "--resume", "true")
+    assert result.returncode == 0, result.output
+    assert result.stderr.count(f"hpcbnn.train: warning: checkpoint {last} is truncated") == 1, result.output
+    assert f"resuming from {older}, the newest valid one" in result.stderr
+    assert "resumed from the checkpoint of step 78 (epoch 3, after 0 batches)" in result.stderr
+    assert _epochs(run_dir) == [1, 2, 3, 4]
+
+    for path in (run_dir / "checkpoints").glob("step-*.pt"):
+        path.write_bytes(path.read_bytes()[:100])
+    refused = train(2, run_dir, *common, "--epochs", "5", "--resume", "true", timeout=120)
+    assert refused.returncode == EXIT_USAGE, refused.output
+    assert refused.stderr.count("hpcbnn.train: error: no valid checkpoint: checkpoint ") == 1, refused.output
+    assert "Traceback" not in refused.output
+    assert _epochs(run_dir) == [1, 2, 3, 4]
 
 
 @pytest.mark.mpi
@@ -148,6 +204,7 @@ def test_corrupt_checkpoint_is_refused(tmp_path: Path) -> None:
     (["--ood", "/nonexistent/ood.h5"], "--ood: /nonexistent/ood.h5: no such file"),
     (["--config", "CONFIG"], "Option 'bogus' is not accepted"),
     (["--lr", "1e12", "--warmup_epochs", "0"], "at step"),  # "the loss is nan|inf at step N"
+    (["--mode", "data", "--model", "resnet"], "D=2 data groups, but the model has BatchNorm layers"),
 ])
 def test_bad_configuration_is_one_line_and_every_rank_exits(tmp_path: Path, args: list[str],
                                                             message: str) -> None:
