@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +18,12 @@ import pytest
 import torch
 
 from hpcbnn.data.convert import convert_diabetes
+from hpcbnn.errors import UsageError
+from hpcbnn.mcmc.__main__ import check, parse
 from hpcbnn.mcmc.models import bnn_problem
 from hpcbnn.mcmc.results import load
+from hpcbnn.parallel.grid import ProcessGrid
+from hpcbnn.run.evaluate import main as evaluate_main
 from tests.mpi import run_mpi
 
 
@@ -88,29 +93,29 @@ def sample(np_: int, diabetes: Path, out: Path, *grid: str) -> np.ndarray:
     return draws
 
 
-def evaluate(np_: int, run: Path, *grid: str) -> dict:
-    result = run_mpi(np_, ["-m", "hpcbnn.evaluate", str(run), "--samples", "20", *grid], timeout=180)
-    assert result.returncode == 0, result.output
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
 @pytest.mark.mpi
-def test_draws_on_one_two_and_four_ranks_agree_and_evaluate(diabetes, tmp_path) -> None:
+def test_draws_on_one_two_and_four_ranks_agree_and_evaluate(diabetes, tmp_path, capsys) -> None:
     one = sample(1, diabetes, tmp_path / "p1")
     two = sample(2, diabetes, tmp_path / "p2", "--mode", "data")
     four = sample(4, diabetes, tmp_path / "p4", "--mode", "hybrid", "--sample_group", "2")
     np.testing.assert_allclose(two, one, rtol=0, atol=1e-8)
     np.testing.assert_allclose(four, one, rtol=0, atol=1e-8)
-    # the draws are the predictive's samples: one rank, or two splitting the 20 draws
-    single = evaluate(1, tmp_path / "p1")
-    split = evaluate(2, tmp_path / "p1", "--mode", "sample")
+    # the draws are the predictive's samples: in this process, or two ranks splitting the 20 draws
+    assert evaluate_main([str(tmp_path / "p1"), "--samples", "20"]) == 0
+    single = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    result = run_mpi(2, ["-m", "hpcbnn.evaluate", str(tmp_path / "p1"), "--samples", "20", "--mode", "sample"])
+    assert result.returncode == 0, result.output
+    split = json.loads(result.stdout.strip().splitlines()[-1])
     assert single["posterior"] == "hmc" and single["samples"] == 20 and single["count"] == 88
     for key in ("rmse", "nll", "crps"):
         assert math.isfinite(single[key]) and split[key] == pytest.approx(single[key], rel=1e-9)
     assert (tmp_path / "p1" / "evaluation.json").is_file()
 
 
-def test_bnn_without_data_is_a_usage_error(tmp_path) -> None:
-    result = run_mpi(1, ["-m", "hpcbnn.mcmc", "--model", "bnn", "--out", str(tmp_path)], timeout=120)
-    assert result.returncode == 2
-    assert "--model bnn needs --data FILE.h5" in result.stderr, result.output
+@pytest.mark.parametrize(
+    "args, message",
+    [([], "--model bnn needs --data FILE.h5"), (["--data", "x.h5", "--hidden", "50,a"], "--hidden '50,a'")],
+)
+def test_bnn_usage_errors_say_what_to_change(args: list[str], message: str) -> None:
+    with pytest.raises(UsageError, match=re.escape(message)):
+        check(parse(["--model", "bnn", *args]), ProcessGrid(device="cpu"))
