@@ -10,6 +10,7 @@ a resumed run that finishes.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -20,13 +21,16 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.mpi import run_mpi
 from tests.slurm_cluster import ClusterError, Job, SlurmCluster
+from tests.test_train import numbers
 
 ROOT = Path(__file__).resolve().parents[1]
 SBATCH = ROOT / "jobs" / "slurm" / "train.sbatch"
 PBS = ROOT / "jobs" / "pbs" / "train.pbs"
 SCRIPTS = sorted((ROOT / "jobs").glob("slurm/*.sbatch")) + sorted((ROOT / "jobs").glob("pbs/*.pbs"))
-TINY = ["--model", "mlp", "--epochs", "1", "--samples", "2", "--batch_size", "32", "--max_steps", "8"]
+TINY = ["--model", "mlp", "--epochs", "1", "--samples", "2", "--batch_size", "32", "--max_steps", "8",
+        "--dtype", "float64"]  # float64: every grid ends with the one-process run's metrics, to its rounding
 PBS_OPTIONS = set("ACIJMNPSVWXacehjklmopqruvz")
 
 
@@ -265,10 +269,27 @@ MODES = {
 }
 
 
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory: pytest.TempPathFactory) -> dict[str, float]:
+    """The test metrics every job must reproduce: the same run as one process under mpirun."""
+    run = tmp_path_factory.mktemp("one-process") / "run"
+    result = run_mpi(1, ["-m", "hpcbnn.train", "--run_dir", str(run), *TINY], timeout=300)
+    assert result.returncode == 0, result.output
+    return numbers(json.loads((run / "summary.json").read_text())["test"])
+
+
 @pytest.mark.slurm
 @pytest.mark.parametrize("mode", MODES)
-def test_train_job_completes(cluster: SlurmCluster, tmp_path: Path, mode: str) -> None:
-    ranks, settings = MODES[mode]["ranks"], MODES[mode]["settings"]
+def test_train_job_completes(cluster: SlurmCluster, one_process: dict[str, float], tmp_path: Path,
+                             mode: str) -> None:
+    """Each mode's job, through sbatch and its launcher, ends with the one-process run's test
+    metrics. The sample job runs in an image (a stub apptainer that keeps what --cleanenv keeps),
+    so srun's per-rank wiring must reach it through PASS_ENV."""
+    ranks, settings = MODES[mode]["ranks"], dict(MODES[mode]["settings"])
+    if mode == "sample":
+        (tmp_path / "hpcbnn.sif").write_bytes(b"")
+        apptainer = apptainer_stub(tmp_path / "bin", tmp_path / "rank-env")
+        settings.update(IMAGE=str(tmp_path / "hpcbnn.sif"), APPTAINER=str(apptainer), HOST_ONLY="leaks")
     job_id = submit(cluster, tmp_path, ranks, TINY, **settings)
     job = finished(cluster, tmp_path, job_id)
     assert (job.state, job.exit_code) == ("COMPLETED", 0), log(tmp_path, job_id)
@@ -279,7 +300,15 @@ def test_train_job_completes(cluster: SlurmCluster, tmp_path: Path, mode: str) -
     assert config["sample_group"] == (int(settings["SAMPLE_GROUP"]) if "SAMPLE_GROUP" in settings else None)
     epochs = [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [1]
-    assert 0 <= json.loads((run / "summary.json").read_text())["test"]["accuracy"] <= 1
+    test = numbers(json.loads((run / "summary.json").read_text())["test"])
+    assert test.keys() == one_process.keys() and {"accuracy", "nll", "ece"} <= test.keys()
+    for key, want in one_process.items():
+        assert math.isclose(test[key], want, rel_tol=1e-9, abs_tol=1e-12), f"{key}: {test[key]!r} here, {want!r} on one"
+    if mode == "sample":
+        envs = [dict(line.split("=", 1) for line in f.read_text().splitlines() if "=" in line)
+                for f in sorted((tmp_path / "rank-env").glob("*.env"))]
+        assert sorted(e["SLURM_PROCID"] for e in envs) == ["0", "1"] and all("PMIX_RANK" in e for e in envs)
+        assert not any("HOST_ONLY" in e for e in envs), "--cleanenv let the host environment in"
     assert list((run / "checkpoints").glob("step-*.pt"))
     text = log(tmp_path, job_id)
     assert f"{ranks} ranks" in text and "hpcbnn.train: done" in text
