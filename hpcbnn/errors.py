@@ -12,6 +12,10 @@ In a job of several ranks, that report waits a grace period too (rank 0 one, the
 an exception can be only the echo of another rank's exit (a peer's connection reset while the
 launcher is already ending the job), and such an echo then dies with the job unprinted, so
 the cause stays the one message; a failure that every rank hits is reported by rank 0.
+
+A collective that does not complete within --collective_timeout (a peer stopped or hung) is
+a `Stalled`: the lowest waiting rank prints its one line at once and aborts the job (exit 1);
+the other waiting ranks stay silent unless still alive after the grace.
 """
 
 from __future__ import annotations
@@ -44,6 +48,14 @@ class UsageError(Exception):
     def __init__(self, message: str, *, collective: bool = True) -> None:
         super().__init__(message)
         self.collective = collective
+
+
+class Stalled(Exception):
+    """A collective that did not complete in time; `report` marks the one rank that says so."""
+
+    def __init__(self, message: str, *, report: bool) -> None:
+        super().__init__(message)
+        self.report = report
 
 
 def world_rank() -> int:
@@ -82,6 +94,11 @@ def report(exc: BaseException, prog: str) -> int:
         where = "" if rank == 0 else f" (rank {rank} on {socket.gethostname()})"
         print(f"{prog}: error{where}: {exc}", file=sys.stderr, flush=True)
         return EXIT_USAGE
+    if isinstance(exc, Stalled):
+        if not exc.report:
+            time.sleep(GRACE_SECONDS)  # the reporting rank's abort normally ends us here
+        print(f"{prog}: error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_FAILURE
     if _has_peers():
         time.sleep(GRACE_SECONDS if rank == 0 else 2 * GRACE_SECONDS)
     traceback.print_exc()

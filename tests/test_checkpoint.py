@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from hpcbnn.run.checkpoint import (latest_checkpoint, load_checkpoint, model_fingerprint,
-                               save_checkpoint, state_fingerprint)
+                                   save_checkpoint, state_fingerprint, write_atomically)
 from hpcbnn.errors import UsageError
 from tests.mpi import ROOT
 
@@ -151,3 +151,53 @@ def test_sigkill_inside_the_write_window_never_leaves_a_bad_checkpoint(tmp_path)
         if kills_mid_write >= 4:
             break
     assert kills_mid_write >= 4, "the writer was never killed inside a write"
+
+
+def test_non_finite_weights_are_never_checkpointed(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    save_checkpoint(tmp_path, 1, {"model": model.state_dict()})
+    with torch.no_grad():
+        model.bias[1] = float("nan")
+    with pytest.raises(UsageError, match=r"the weights hold NaN or inf at step 2 \(bias\), so no checkpoint was written"):
+        save_checkpoint(tmp_path, 2, {"model": model.state_dict()})
+    assert os.listdir(tmp_path / "checkpoints") == ["step-000001.pt"]
+
+
+def test_a_changed_option_is_refused_by_name(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    path = save_checkpoint(tmp_path, 1, {"model": model.state_dict()}, run={"batch_size": 32, "seed": 0})
+    assert load_checkpoint(path, model_fingerprint(model), run={"batch_size": 32, "seed": 0})
+    with pytest.raises(UsageError, match=rf"--seed is 1, but checkpoint {path} was trained with 0: a resumed "
+                                         r"run cannot change it; resume with --seed 0, or start a new --run_dir"):
+        load_checkpoint(path, model_fingerprint(model), run={"batch_size": 32, "seed": 1})
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A real 1 MiB file system (tmpfs; the tests run as root, as CI does): writes past it fail with ENOSPC."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], check=True)
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_temporary_file(full_disk):
+    small = torch.nn.Linear(3, 2)
+    first = save_checkpoint(full_disk, 1, {"model": small.state_dict()})
+    big = torch.nn.Linear(512, 512)  # 1 MiB of weights
+    with pytest.raises(UsageError) as error:
+        save_checkpoint(full_disk, 2, {"model": big.state_dict()})
+    assert str(error.value) == (
+        f"cannot write checkpoint {full_disk}/checkpoints/step-000002.pt: ENOSPC, No space left on device; "
+        "free space on that file system (or lift the quota), or choose another --run_dir")
+    assert os.listdir(full_disk / "checkpoints") == ["step-000001.pt"]
+    assert load_checkpoint(first, model_fingerprint(small))["model"].keys() == small.state_dict().keys()
+
+
+def test_an_atomic_write_on_a_full_disk_keeps_the_old_content(full_disk):
+    target = full_disk / "summary.json"
+    write_atomically(target, b"old\n")
+    with pytest.raises(UsageError, match=r"cannot write .*summary.json: ENOSPC, No space left on device"):
+        write_atomically(target, b"x" * 2**21)
+    assert os.listdir(full_disk) == ["summary.json"] and target.read_bytes() == b"old\n"

@@ -35,10 +35,11 @@ from hpcbnn.run.config import load_config, parse_config, save_config
 from hpcbnn.data import Loader, default_dataset, open_dataset
 from hpcbnn.parallel.grid import ProcessGrid
 from hpcbnn.run.network import build_network
+from hpcbnn.run.rundir import resume_fingerprint
 from hpcbnn.retry import retrying
 from tests.mpi import ROOT, mpirun_prefix
 
-BOUND = 30.0  # seconds from an injected fault until every rank of the job has exited
+BOUND = 30.0  # launch timeout after an injected fault: a guard against a hang, not a measurement
 START = 240.0  # seconds a job may take to start and reach the point of injection
 HOST = socket.gethostname()
 PROGRAMS = ROOT / "tests" / "programs"
@@ -196,6 +197,65 @@ def test_a_killed_rank_ends_the_training_job_and_keeps_its_checkpoint(launch, tm
     assert not (run_dir / "summary.json").exists()
 
 
+# 2b. A stopped rank (SIGSTOP: a hung node, a file-system call that never returns): its peers end
+# after --collective_timeout with one line naming it and the collective, and so does the job.
+
+STALL_TIMEOUT = 2.0
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("backend, victim, where, what", [
+    ("torch", 1, "backend", "an allreduce over the world ranks (torch.distributed)"),
+    ("horovod", 0, "backend", "a Horovod allreduce over the world ranks"),
+    ("horovod", 1, "loss", "the loss of step 1"),
+    ("torch", 0, "checkpoint", "the checkpoint of step 7 (written by rank 0)"),
+], ids=["torch-rank1", "horovod-rank0", "horovod-rank1-mpi", "torch-rank0-in-checkpoint"])
+def test_a_stopped_rank_ends_the_job_with_one_line_naming_it(launch, tmp_path: Path, backend: str, victim: int,
+                                                              where: str, what: str) -> None:
+    job = launch(2, [PROGRAMS / "fault_stall.py", backend, str(victim), where, str(STALL_TIMEOUT), tmp_path / "run"])
+    job.wait_for(f"rank {victim}: stopping")
+    assert job.finish(STALL_TIMEOUT + BOUND) == 1, job.output
+    survivor = 1 - victim
+    line = (f"fault_stall: error: rank {survivor} on {HOST}: {what} did not complete within 2 s: "
+            f"rank {victim} never reached it")
+    assert job.output.count(line) == 1, job.output
+    assert job.output.count("did not complete within") == 1, job.output
+    assert "Traceback" not in job.output, job.output
+    assert job.ranks() == {}  # the stopped rank too
+
+
+@pytest.mark.mpi
+def test_ranks_started_with_different_options_are_refused(tmp_path: Path) -> None:
+    """An MPMD launch: rank 1 gets another --samples; rank 0 names it, every rank exits 2."""
+    common = ["-m", "hpcbnn.train", "--run_dir", str(tmp_path / "run"), *TINY, "--backend", "torch"]
+    rank0 = mpirun_prefix(1) + [sys.executable, *common]
+    cmd = rank0 + [":", "-np", "1", sys.executable, *common, "--samples", "8"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=START, env=env, cwd=ROOT)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    assert output.count("hpcbnn.train: error: the ranks were started with different configurations "
+                        "(--samples is 4 on rank 0 but 8 on rank 1)") == 1, output
+    assert "Traceback" not in output, output
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.mpi
+def test_a_second_run_on_the_same_directory_is_refused_and_changes_nothing(launch, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    first = launch(1, train_args(run_dir, "--epochs", "50", "--backend", "torch", *TINY))
+    first.wait_for(rf"epoch \d+ step {STEPS_PER_EPOCH + 2}/")  # its first checkpoint is written
+    (pid,) = first.ranks().values()
+    os.kill(pid, signal.SIGSTOP)  # so that its files hold still while the second run tries
+    before = files(run_dir)
+    second = launch(2, train_args(run_dir, "--epochs", "50", "--backend", "torch", *TINY, "--resume", "true"))
+    assert second.finish(START) == 2, second.output
+    assert second.output.count(f"hpcbnn.train: error: {run_dir} is in use by another run") == 1, second.output
+    assert "Traceback" not in second.output
+    assert files(run_dir) == before
+    os.kill(pid, signal.SIGCONT)
+
+
 # 3. Bad input: one line from rank 0, exit 2 on every rank, nothing written.
 
 def edited(edit: Callable[[h5py.File], None]) -> Callable[[Path], list[str]]:
@@ -244,6 +304,23 @@ def other_model_checkpoint(tmp_path: Path) -> list[str]:
     return ["--resume", "true"]
 
 
+def checkpoint_of(tmp_path: Path, *changed: str) -> list[str]:
+    """The run directory of the tiny run of the test below, resumed with the options `changed`."""
+    cfg = parse_config([*TINY, "--epochs", "1", "--backend", "torch"])
+    info = open_dataset(default_dataset(), "train")
+    model = build_network(cfg, info)
+    save_checkpoint(tmp_path / "run", STEPS_PER_EPOCH, {"model": model.state_dict()},
+                    run=resume_fingerprint(cfg, info))
+    save_config(cfg, tmp_path / "run" / "config.yaml")
+    return ["--resume", "true", *changed]
+
+
+def other_data(tmp_path: Path) -> list[str]:
+    """Resumed on a data set whose training split has other statistics (another file, same shapes)."""
+    args = checkpoint_of(tmp_path)
+    return args + edited(lambda f: f.attrs.__setitem__("std", f.attrs["std"] * 2))(tmp_path)
+
+
 BAD_INPUT = {
     "unreadable HDF5 file": (truncated, "data.h5: not a readable HDF5 file"),
     "wrong schema version": (edited(lambda f: f.attrs.__setitem__("schema_version", 7)),
@@ -260,6 +337,9 @@ BAD_INPUT = {
     "device that does not exist": (lambda _: ["--device", "cuda:3"],
                                    f"--device cuda:3 does not exist on {HOST} (it has 0 cuda devices)"),
     "checkpoint of another model": (other_model_checkpoint, "is of a different model"),
+    "resume with another batch size": (lambda p: checkpoint_of(p, "--batch_size", "64"),
+                                       "--batch_size is 64, but checkpoint "),
+    "resume on other data": (other_data, "--data is 1257 training examples of shape [1, 8, 8] (digest "),
 }
 
 

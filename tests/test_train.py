@@ -144,7 +144,7 @@ def test_signal_checkpoints_and_resume_equals_uninterrupted(tmp_path: Path) -> N
     rest, _ = job.communicate(timeout=120)
     output = "".join(lines) + rest
     assert job.returncode == 75, output
-    assert output.count("stop signal: checkpoint at step") == 1
+    assert output.count("stop signal during training: checkpoint at step") == 1
     assert not (tmp_path / "cut" / "summary.json").exists()
 
     resumed = train(2, tmp_path / "cut", *common, "--resume", "true")

@@ -27,6 +27,7 @@ from typing import Literal
 import h5py
 import numpy as np
 
+from hpcbnn.bounded import COLLECTIVE_TIMEOUT_S, allgather
 from hpcbnn.errors import UsageError
 
 SCHEMA_VERSION = 1
@@ -195,13 +196,16 @@ def scan(path: Path, split: str, x: h5py.Dataset, y: h5py.Dataset, head: dict) -
     return None
 
 
-def open_dataset(path: Path | str, split: str = "train", *, verify: bool = True, comm=None) -> DatasetInfo:
+def open_dataset(
+    path: Path | str, split: str = "train", *, verify: bool = True, comm=None, timeout: float = COLLECTIVE_TIMEOUT_S
+) -> DatasetInfo:
     """Validate `split` of `path` and describe it; any problem is one UsageError line.
 
     The structure is checked on every rank (metadata only). With `verify` the values are
     scanned too (every chunk read once): by rank 0 of `comm` alone when given. With `comm`
     the ranks then agree on the verdict, so all of them fail together, also when only some
-    see a problem (a file missing on one node's disk).
+    see a problem (a file missing on one node's disk); they wait for rank 0's scan at most
+    `timeout` seconds (--collective_timeout), so a stopped rank cannot hang the others.
     """
     try:
         info = _open(Path(path), split, verify and (comm is None or comm.Get_rank() == 0))
@@ -209,7 +213,7 @@ def open_dataset(path: Path | str, split: str = "train", *, verify: bool = True,
     except UsageError as exc:
         info, problem = None, str(exc)
     if comm is not None:
-        problems = comm.allgather(problem)
+        problems = allgather(comm, problem, f"the check of split {split!r} of {path}", timeout)
         seen = [r for r, p in enumerate(problems) if p]
         if seen:
             problem = problems[seen[0]]

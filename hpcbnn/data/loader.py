@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -156,7 +156,7 @@ class Loader:
         preload: bool | None = None,
         verify: bool = True,
     ) -> None:
-        self.info = open_dataset(path, split, verify=verify, comm=grid.world)
+        self.info = open_dataset(path, split, verify=verify, comm=grid.world, timeout=grid.timeout)
         grid.check(grid.sample_size, batch_size)  # B must split evenly over the D data groups
         if batch_size < 1 or (drop_last and self.info.n < batch_size):
             raise UsageError(
@@ -168,6 +168,9 @@ class Loader:
         self.grid, self.batch_size, self.seed = grid, batch_size, seed
         self.shuffle, self.drop_last, self.prefetch = shuffle, drop_last, prefetch
         self.rows = grid.local_batch(batch_size)
+        # Called on every rank before each batch is handed out (the same number of times on all of
+        # them): where a run that reads a whole split in one go checks for a stop request.
+        self.between_batches: Callable[[], None] | None = None
         self.source = _Rows(self.info)
         self.y = self._targets()
         shape = (-1,) + (1,) * (len(self.info.input_shape) - 1)
@@ -196,7 +199,9 @@ class Loader:
         needed = self._needed()
         row = self.info.x_dtype.itemsize * int(np.prod(self.info.input_shape))
         need = row * (self.info.n if needed is None else len(needed))
-        share = min(self.grid.world.allgather(available_memory() // (4 * self.grid.local_size)))
+        share = min(
+            self.grid.allgather(available_memory() // (4 * self.grid.local_size), "the memory check of preloading")
+        )
         fits = need <= share
         if preload and not fits:
             raise UsageError(
@@ -224,7 +229,8 @@ class Loader:
         valid = (np.arange(order.size) < self.info.n).reshape(order.shape)[:, self.rows]
         local = order[:, self.rows]
         batches = (self._batch(t, local[t], valid[t]) for t in range(len(local)))
-        return _background(batches, self.prefetch) if self.prefetch > 0 else batches
+        ready = _background(batches, self.prefetch) if self.prefetch > 0 else batches
+        return _checked(ready, self.between_batches) if self.between_batches else ready
 
     def _batch(self, step: int, index: np.ndarray, valid: np.ndarray) -> Batch:
         x = torch.from_numpy(self.source.read(index)).float().mul_(self.scale).add_(self.shift)
@@ -247,6 +253,12 @@ _END = object()
 class _Failure:
     def __init__(self, exc: BaseException) -> None:
         self.exc = exc
+
+
+def _checked(items: Iterator[T], check: Callable[[], None]) -> Iterator[T]:
+    for item in items:
+        check()
+        yield item
 
 
 def _background(items: Iterator[T], depth: int) -> Iterator[T]:

@@ -6,11 +6,20 @@ non-linear coupling between ranks, the gather of per-sample statistics over the 
 communicator, is `allgather`, whose backward is the true adjoint (a *sum* over the axis)
 and therefore exact under that averaging. Horovod's own differentiable allgather averages
 in its backward, which would scale those gradients by 1/K; hence our own autograd function.
+
+Every collective is started asynchronously and waited for through `ProcessGrid.wait`, so a
+stopped or hung peer ends the job after the grid's timeout (--collective_timeout) with one
+line naming it. The backends' own bounds are set behind it, as a backstop for the waits we
+do not see (inside Horovod's start-up, Gloo's rendezvous): Gloo's timeout and Horovod's
+stall shutdown (HOROVOD_STALL_CHECK_TIME_SECONDS, HOROVOD_STALL_SHUTDOWN_TIME_SECONDS, unless
+the environment sets them) are the timeout plus `BACKSTOP_S`.
 """
 
 from __future__ import annotations
 
 import atexit
+import datetime
+import math
 import os
 import socket
 import time
@@ -30,6 +39,7 @@ if TYPE_CHECKING:
 
 Backend = Literal["horovod", "torch"]
 BACKENDS: tuple[Backend, ...] = get_args(Backend)
+BACKSTOP_S = 30.0
 
 
 class Collectives(ABC):
@@ -101,30 +111,39 @@ class HorovodCollectives(Collectives):
         import horovod.torch as hvd
 
         self.hvd = hvd
+        backstop = math.ceil(grid.timeout + BACKSTOP_S)
+        os.environ.setdefault("HOROVOD_STALL_CHECK_TIME_SECONDS", str(backstop))
+        os.environ.setdefault("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", str(backstop + 1))
         # A side of size 1 needs no collective, a side of size P is the global set: registering
         # either as its own process set is an error in Horovod.
         own = {
             axis: hvd.ProcessSet(grid.comm(axis)) for axis in ("sample", "data") if 1 < grid.axis_size(axis) < grid.size
         }
+        grid.barrier("the start of Horovod")
         hvd.init(comm=grid.world, process_sets=list(own.values()))
         self.sets = {axis: own.get(axis, hvd.global_process_set) for axis in ("sample", "data", "world")}
 
     def _allreduce_(self, tensors: list[Tensor], axis: Axis, average: bool) -> None:
         op = self.hvd.Average if average else self.hvd.Sum
         name = _op_name("average" if average else "sum", axis, [(t.dtype, t.shape) for t in tensors])
-        self.hvd.grouped_allreduce_(tensors, op=op, process_set=self.sets[axis], name=name)
+        handle = self.hvd.grouped_allreduce_async_(tensors, op=op, process_set=self.sets[axis], name=name)
+        self._wait([handle], f"a Horovod allreduce over the {axis} ranks")
 
     def _broadcast_(self, tensors: list[Tensor], root: int) -> None:
         handles = [
             self.hvd.broadcast_async_(t, root_rank=root, name=_op_name(f"broadcast{i}", root, [(t.dtype, t.shape)]))
             for i, t in enumerate(tensors)
         ]
-        for handle in handles:
-            self.hvd.synchronize(handle)
+        self._wait(handles, f"a Horovod broadcast from rank {root}")
 
     def _gather(self, tensor: Tensor, axis: Axis) -> Tensor:
         name = _op_name("allgather", axis, [(tensor.dtype, tensor.shape[1:])])
-        return self.hvd.synchronize(self.hvd.allgather_async(tensor, name=name, process_set=self.sets[axis]))
+        handle = self.hvd.allgather_async(tensor, name=name, process_set=self.sets[axis])
+        return self._wait([handle], f"a Horovod allgather over the {axis} ranks")[0]
+
+    def _wait(self, handles: list[Any], what: str) -> list[Tensor]:
+        self.grid.wait(lambda: all(self.hvd.poll(h) for h in handles), what)
+        return [self.hvd.synchronize(h) for h in handles]
 
 
 def _op_name(kind: str, where: object, signature: list[tuple[torch.dtype, torch.Size]]) -> str:
@@ -149,20 +168,26 @@ class TorchCollectives(Collectives):
 
         self.dist = dist
         backend = "nccl" if grid.device.type == "cuda" else "gloo"
-        address = grid.world.bcast(_rendezvous_address() if grid.is_root else None, root=0)
+        self.timeout = datetime.timedelta(seconds=grid.timeout + BACKSTOP_S)
+        address, reserved = _rendezvous_address() if grid.is_root else (None, None)
+        address = grid.bcast(address, "rank 0's torch.distributed rendezvous address")
         dist.init_process_group(
             backend,
             init_method=f"tcp://{address}",
             rank=grid.rank,
             world_size=grid.size,
+            timeout=self.timeout,
             device_id=grid.device if backend == "nccl" else None,
         )
+        if reserved:
+            reserved.close()  # the store listens on the port now
         self.groups = {
             "world": dist.group.WORLD,
             "sample": self._own_group(grid.sample_comm),
             "data": self._own_group(grid.data_comm),
         }
-        grid.world.Barrier()  # nobody leaves while a peer still builds its groups through rank 0's store
+        # Nobody leaves while a peer still builds its groups through rank 0's store.
+        grid.barrier("the start of torch.distributed (its process groups)")
         # A Gloo worker thread drops its reference to a finished collective's tensor just after
         # the caller's wait returns, and that needs the GIL; if Python is already shutting down,
         # the thread is killed and the finished job aborts ("terminate called without an
@@ -173,12 +198,14 @@ class TorchCollectives(Collectives):
         """Every rank must create every group, in the same order; keep the one holding us."""
         members = comm.allgather(self.grid.rank)
         every = sorted({tuple(g) for g in self.grid.world.allgather(members)})
-        groups = {g: self.dist.new_group(list(g)) for g in every}
+        groups = {g: self.dist.new_group(list(g), timeout=self.timeout) for g in every}
         return cast("ProcessGroup", groups[tuple(members)])  # a member's group, never NON_GROUP_MEMBER
 
     def _allreduce_(self, tensors: list[Tensor], axis: Axis, average: bool) -> None:
         flat = torch.cat([t.reshape(-1) for t in tensors])
-        self.dist.all_reduce(flat, group=self.groups[axis])
+        self._wait(
+            [self.dist.all_reduce(flat, group=self.groups[axis], async_op=True)], f"an allreduce over the {axis} ranks"
+        )
         if average:
             flat /= self.grid.axis_size(axis)
         offset = 0
@@ -187,22 +214,38 @@ class TorchCollectives(Collectives):
             offset += t.numel()
 
     def _broadcast_(self, tensors: list[Tensor], root: int) -> None:
-        for t in tensors:
-            self.dist.broadcast(t, src=root)
+        works = [self.dist.broadcast(t, src=root, async_op=True) for t in tensors]
+        self._wait(works, f"a broadcast from rank {root}")
 
     def _gather(self, tensor: Tensor, axis: Axis) -> Tensor:
         parts = [torch.empty_like(tensor) for _ in range(self.grid.axis_size(axis))]
-        self.dist.all_gather(parts, tensor, group=self.groups[axis])
+        self._wait(
+            [self.dist.all_gather(parts, tensor, group=self.groups[axis], async_op=True)],
+            f"an allgather over the {axis} ranks",
+        )
         return torch.cat(parts)
 
+    def _wait(self, works: list[Any], what: str) -> None:
+        self.grid.wait(lambda: all(w.is_completed() for w in works), f"{what} (torch.distributed)")
+        for work in works:
+            work.wait()  # raises what the backend saw (a peer's lost connection)
 
-def _rendezvous_address() -> str:
-    """Rank 0's address and a free port, shared with the others over MPI."""
-    host = os.environ.get("HPCBNN_MASTER_ADDR") or socket.gethostbyname(socket.gethostname())
-    with socket.socket() as s:
-        s.bind(("", 0))
-        port = s.getsockname()[1]
-    return f"{host}:{port}"
+
+def _rendezvous_address() -> tuple[str, socket.socket | None]:
+    """Where rank 0's store will listen: MASTER_ADDR and MASTER_PORT when the environment
+    exports them (the job scripts do), else this host and a port the system picks.
+
+    A picked port stays bound (not listening, SO_REUSEADDR) until the store listens on it:
+    Linux lets the store bind it then, but hands it to no other socket in between, so no
+    process can take it between choosing and using it. The caller closes the socket.
+    """
+    host = os.environ.get("MASTER_ADDR") or socket.gethostbyname(socket.gethostname())
+    if os.environ.get("MASTER_PORT"):
+        return f"{host}:{int(os.environ['MASTER_PORT'])}", None
+    reserved = socket.socket()
+    reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    reserved.bind(("", 0))
+    return f"{host}:{reserved.getsockname()[1]}", reserved
 
 
 def make_collectives(grid: ProcessGrid, backend: str) -> Collectives:

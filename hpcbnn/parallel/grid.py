@@ -12,12 +12,15 @@ lives on one node and its frequent collectives use the fast intra-node links.
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
+import numpy as np
 import torch
 from mpi4py import MPI
 
+from hpcbnn.bounded import COLLECTIVE_TIMEOUT_S, allgather, bcast, wait_for
 from hpcbnn.errors import UsageError
 
 Mode = Literal["sample", "data", "hybrid"]
@@ -65,10 +68,13 @@ class ProcessGrid:
         sample_group: int | None = None,
         comm: MPI.Comm | None = None,
         device: str | None = None,
+        timeout: float = COLLECTIVE_TIMEOUT_S,
     ) -> None:
         self.world: MPI.Comm = comm or MPI.COMM_WORLD
         self.rank = self.world.Get_rank()
         self.size = self.world.Get_size()
+        self.timeout = timeout
+        self.barrier("the start-up (every rank reaching the process grid)")
         self.node = self.world.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
         self.local_rank = self.node.Get_rank()
         self.local_size = self.node.Get_size()
@@ -123,6 +129,27 @@ class ProcessGrid:
         """The rows of a global batch this rank's data group sees."""
         per = batch_size // self.data_size
         return slice(self.data_rank * per, (self.data_rank + 1) * per)
+
+    def barrier(self, what: str) -> None:
+        """Wait for every rank, at most `timeout` seconds (then `Stalled`, naming the absent ranks)."""
+        wait_for(self.world.Ibarrier().Test, what, self.world, self.timeout)
+
+    def allreduce(self, values: np.ndarray, what: str) -> np.ndarray:
+        """Sum `values` over the world in place, bounded like `barrier`."""
+        wait_for(self.world.Iallreduce(MPI.IN_PLACE, values, op=MPI.SUM).Test, what, self.world, self.timeout)
+        return values
+
+    def bcast(self, value: Any, what: str) -> Any:
+        """Rank 0's `value` on every rank (a picklable object), bounded like `barrier`."""
+        return bcast(self.world, value, what, self.timeout)
+
+    def allgather(self, value: Any, what: str) -> list[Any]:
+        """Every rank's `value` in rank order (picklable objects), bounded like `barrier`."""
+        return allgather(self.world, value, what, self.timeout)
+
+    def wait(self, done: Callable[[], bool], what: str) -> None:
+        """Poll `done` (a backend's test of an asynchronous collective) until it is true, bounded."""
+        wait_for(done, what, self.world, self.timeout)
 
     def describe(self) -> str:
         return (

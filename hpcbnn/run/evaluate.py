@@ -19,7 +19,7 @@ from hpcbnn.parallel.collectives import BACKENDS
 from hpcbnn.parallel.engine import Engine
 from hpcbnn.parallel.evaluation import evaluate_uncertainty
 from hpcbnn.parallel.grid import MODES
-from hpcbnn.run.checkpoint import latest_checkpoint, load_checkpoint, model_fingerprint
+from hpcbnn.run.checkpoint import latest_checkpoint, load_checkpoint, model_fingerprint, write_atomically
 from hpcbnn.run.config import load_config
 from hpcbnn.run.job import Job
 from hpcbnn.uq.ood import SCORES
@@ -78,8 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         if ood is not None and ood_metrics is not None:
             ood_metrics = {"file": str(ood.info.path), "split": args.ood_split, **ood_metrics}
         head = {"split": args.split, "samples": samples, "step": state["step"]}
-        (args.run_dir / "evaluation.json").write_text(
-            json.dumps({**head, **metrics, "ood": ood_metrics}, indent=2) + "\n"
+        write_atomically(
+            args.run_dir / "evaluation.json",
+            (json.dumps({**head, **metrics, "ood": ood_metrics}, indent=2) + "\n").encode(),
         )
         shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         if "selective" in metrics:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,7 @@ from hpcbnn.data.convert import default_ood_dataset
 from hpcbnn.errors import UsageError
 from hpcbnn.parallel.collectives import Collectives, make_collectives
 from hpcbnn.parallel.grid import ProcessGrid
-from hpcbnn.run.config import Config
+from hpcbnn.run.config import PER_RANK, Config
 from hpcbnn.run.network import build_network
 
 
@@ -38,8 +40,19 @@ class Job:
         sample_group: int | None = None,
         backend: str | None = None,
     ) -> Job:
-        """The grid (checked against every sample count in `samples`), its collectives, the data file."""
-        grid = ProcessGrid(mode or cfg.mode, sample_group if mode else cfg.sample_group, device=cfg.device)
+        """The grid (checked against every sample count in `samples`), its collectives, the data file.
+
+        First of all, the ranks compare their configurations: ranks started with different options
+        (an MPMD launch, a config file edited between nodes) would wait for each other in different
+        collectives, or silently train different models.
+        """
+        grid = ProcessGrid(
+            mode or cfg.mode,
+            sample_group if mode else cfg.sample_group,
+            device=cfg.device,
+            timeout=cfg.collective_timeout,
+        )
+        check_same_config(cfg, grid)
         for s in samples:
             grid.check(s, cfg.batch_size)
         comm = make_collectives(grid, backend or cfg.backend)
@@ -79,3 +92,22 @@ class Job:
         (torch seeds itself randomly; the engine broadcasts rank 0's anyway)."""
         torch.manual_seed(self.cfg.seed)
         return build_network(self.cfg, info).to(self.grid.device)
+
+
+def check_same_config(cfg: Config, grid: ProcessGrid) -> None:
+    """Every rank's resolved configuration is rank 0's (but for `PER_RANK` options), or one
+    UsageError line from rank 0 naming the first option that differs and where."""
+    values = {k: v for k, v in asdict(cfg).items() if k not in PER_RANK}
+    digest = hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()
+    digests = grid.allgather(digest, "the comparison of the ranks' configurations")
+    if len(set(digests)) == 1:
+        return
+    other = digests.index(next(d for d in digests if d != digests[0]))
+    everyone = grid.allgather(values, "the comparison of the ranks' configurations")
+    ours, theirs = everyone[0], everyone[other]
+    option = next(k for k in ours if ours[k] != theirs.get(k))
+    detail = f"--{option} is {ours[option]!r} on rank 0 but {theirs.get(option)!r} on rank {other}"
+    raise UsageError(  # every rank raises it; rank 0 alone prints it
+        f"the ranks were started with different configurations ({detail}): launch every rank with the same "
+        f"options and --config files"
+    )

@@ -2,11 +2,13 @@
 
 data -> Bayesian model -> objective -> gradient reduction over the grid -> optimizer,
 with evaluation of the full S-sample predictive, checkpoints and a run directory.
-Exit codes: 0 done, 1 failure, 2 usage error, 75 checkpointed on SIGTERM/SIGUSR1 (requeue).
+Exit codes: 0 done, 1 failure (also a collective that timed out), 2 usage error, 75 stopped
+on SIGTERM/SIGUSR1 (requeue: the latest checkpoint continues the run).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import time
@@ -14,7 +16,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from mpi4py import MPI
 
 from hpcbnn.bnn.layers import kl_divergence
 from hpcbnn.data import augmentation, open_dataset
@@ -26,8 +27,8 @@ from hpcbnn.run import plots
 from hpcbnn.run.config import parse_config
 from hpcbnn.run.job import Job
 from hpcbnn.run.progress import Progress
-from hpcbnn.run.rundir import RunDir, rng_state, set_rng_state
-from hpcbnn.run.signals import StopRequest
+from hpcbnn.run.rundir import RunDir, resume_fingerprint, rng_state, set_rng_state
+from hpcbnn.run.signals import Stopping, StopRequest
 from hpcbnn.uq.posterior import sigma_quantiles
 
 
@@ -42,6 +43,7 @@ class EpochTotals:
     comm_s: float = 0.0
     data_s: float = 0.0
     steps: int = 0
+    seconds: float = 0.0  # of the epoch's steps before a resume, when it continues one
 
     def add(self, loss: float, result: StepResult, data_s: float) -> None:
         self.loss, self.nll, self.kl = self.loss + loss, self.nll + result.nll, self.kl + result.kl
@@ -51,6 +53,7 @@ class EpochTotals:
 
 @entry_point("hpcbnn.train")
 def main(argv: list[str] | None = None) -> int:
+    stop = StopRequest()  # before any slow start-up work: a warning during it is kept, not fatal
     # The grid, the data and the network, in the order that fails before any slow work.
     cfg = parse_config(argv)
     eval_samples = cfg.eval_samples or cfg.samples
@@ -91,19 +94,22 @@ def main(argv: list[str] | None = None) -> int:
         amp=cfg.amp,
     )
 
-    # Resume from the run directory's latest checkpoint, before the configuration is recorded.
+    # Resume from the run directory's newest valid checkpoint, before the configuration is recorded.
     run = RunDir(cfg, grid)
-    step, epoch, skip = 0, 0, 0
-    state = run.load_latest(model) if cfg.resume else None
+    fixed = resume_fingerprint(cfg, info)
+    step, epoch, skip, resumed = 0, 0, 0, EpochTotals()
+    state = run.load_latest(model, fixed) if cfg.resume else None
     if state:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         set_rng_state(state["rng"])
         step, epoch, skip = state["step"], state["epoch"], state["batch"]
+        resumed = EpochTotals(**state.get("totals", {}))
+    run.keep_epochs(epoch)  # epochs logged after the checkpoint are trained, and logged, again
     run.write_config()
 
-    def checkpoint(epoch: int, batch: int) -> None:
+    def checkpoint(epoch: int, batch: int, totals: EpochTotals) -> None:
         engine.sync_buffers()
         run.save(
             step,
@@ -115,10 +121,27 @@ def main(argv: list[str] | None = None) -> int:
                 "step": step,
                 "epoch": epoch,
                 "batch": batch,
+                "totals": dataclasses.asdict(totals),
             },
+            fixed,
         )
 
-    stop = StopRequest()
+    def stop_checkpoint(epoch: int, batch: int, totals: EpochTotals, during: str) -> int:
+        """Checkpoint where the stop request found the run and exit 75, also if that write fails."""
+        try:
+            checkpoint(epoch, batch, totals)
+        except UsageError as exc:
+            progress.message(
+                f"hpcbnn.train: stop signal {during}: {exc}; the run continues from the previous checkpoint "
+                f"on requeue; exiting with {EXIT_REQUEUE}"
+            )
+            return EXIT_REQUEUE
+        progress.message(
+            f"hpcbnn.train: stop signal {during}: checkpoint at step {step} written to "
+            f"{run.path}; exiting with {EXIT_REQUEUE} (requeue to continue with --resume true)"
+        )
+        return EXIT_REQUEUE
+
     progress = Progress(total, grid.is_root, cfg.log_every)
     progress.message(
         f"hpcbnn.train: {grid.describe()}, backend {cfg.backend}; S={cfg.samples} "
@@ -129,21 +152,33 @@ def main(argv: list[str] | None = None) -> int:
         progress.message(
             f"hpcbnn.train: resumed from the checkpoint of step {step} (epoch {epoch + 1}, after {skip} batches)"
         )
-    while epoch < cfg.epochs and step < total:
-        totals, began, batches = EpochTotals(), time.perf_counter(), iter(train.epoch(epoch))
+    if stop.agreed(grid):  # a warning during the start-up: nothing new to checkpoint
+        progress.message(
+            f"hpcbnn.train: stop signal before training started: nothing new to checkpoint; exiting with "
+            f"{EXIT_REQUEUE} (requeue to continue with --resume true)"
+        )
+        return EXIT_REQUEUE
+    for loader in (val, ood):
+        if loader is not None:
+            loader.between_batches = lambda: stop.raise_if_agreed(grid)
+    # A resume may find an epoch trained but not yet validated (skip == len(train)): it validates it.
+    while epoch < cfg.epochs and (step < total or skip):
+        totals, batches = resumed, iter(train.epoch(epoch))
+        began, resumed = time.perf_counter() - totals.seconds, EpochTotals()
         for i in range(len(train)):
             # The loader's order is a function of (seed, epoch): a resumed epoch skips what it already did.
             waited = time.perf_counter()
             batch = next(batches)
             if i < skip:
                 continue
+            if step >= total:
+                break
             waited = time.perf_counter() - waited
             result = engine.step(batch.x.to(grid.device), batch.y.to(grid.device), batch.rows, step)
             schedule.step()
             step += 1
             # One collective agrees on the global loss and on whether any rank was asked to stop.
-            agreed = np.array([result.loss, float(stop.requested)])
-            grid.world.Allreduce(MPI.IN_PLACE, agreed)
+            agreed = grid.allreduce(np.array([result.loss, float(stop.requested)]), f"the loss of step {step}")
             loss, stopping = agreed[0] / grid.size, agreed[1] > 0
             if not math.isfinite(loss):
                 raise UsageError(
@@ -153,18 +188,18 @@ def main(argv: list[str] | None = None) -> int:
             totals.add(loss, result, waited)
             progress.update(step, epoch, loss)
             if stopping:
-                checkpoint(epoch, i + 1)
-                progress.message(
-                    f"hpcbnn.train: stop signal: checkpoint at step {step} written to "
-                    f"{run.path}; exiting with {EXIT_REQUEUE} (requeue to continue with --resume true)"
-                )
-                return EXIT_REQUEUE
+                totals.seconds = time.perf_counter() - began
+                return stop_checkpoint(epoch, i + 1, totals, "during training")
             if step >= total:
                 break
         # Validate the S-sample predictive, log the epoch, checkpoint.
         skip, seconds, n = 0, time.perf_counter() - began, max(1, totals.steps)
+        try:
+            val_metrics = evaluate(engine, val, eval_samples, info.task, cfg.ece_bins)
+        except Stopping:
+            totals.seconds = seconds  # the epoch's training is done: the resume validates and logs it
+            return stop_checkpoint(epoch, len(train), totals, "during validation")
         epoch += 1
-        val_metrics = evaluate(engine, val, eval_samples, info.task, cfg.ece_bins)
         run.log(
             {
                 "epoch": epoch,
@@ -185,11 +220,19 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
         if epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs or step >= total:
-            checkpoint(epoch, 0)
+            checkpoint(epoch, 0, EpochTotals())
 
     # The final model on the test split, with the full predictive; OOD detection; pictures.
     test = job.loader("test", verify=False)
-    metrics, ood_metrics = evaluate_uncertainty(engine, test, eval_samples, info.task, cfg.ece_bins, ood)
+    test.between_batches = lambda: stop.raise_if_agreed(grid)
+    try:
+        metrics, ood_metrics = evaluate_uncertainty(engine, test, eval_samples, info.task, cfg.ece_bins, ood)
+    except Stopping:
+        progress.message(
+            f"hpcbnn.train: stop signal during the final evaluation: the last checkpoint (step {step}) in "
+            f"{run.path} holds the trained model; exiting with {EXIT_REQUEUE} (requeue: --resume true evaluates it)"
+        )
+        return EXIT_REQUEUE
     posterior = {"sigma": sigma_quantiles(model), "kl_per_n": kl_divergence(model).item() / info.n}
     summary = summarise(run, metrics, ood_metrics, posterior, info.task, {"steps": step, "epochs": epoch})
     progress.message(
