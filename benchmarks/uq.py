@@ -130,6 +130,7 @@ class Variational:
     """The BNN's settings; the defaults are the library's (Config and bayesianize)."""
 
     estimator: str = Config.estimator
+    components: int = Config.components
     prior_scale: Any = Config.prior_scale
     init_std: Any = Config.init_std
     init_fraction: float = INIT_FRACTION  # initial sigma / He std, with init_std "fan_in"
@@ -151,7 +152,11 @@ def batches(n: int, batch_size: int, seed: int, epoch: int) -> list[Tensor]:
 def fit_bnn(p: Protocol, v: Variational, seed: int, epochs: int) -> nn.Module:
     torch.manual_seed(seed)
     model = bayesianize(
-        mlp(64, HIDDEN, p.classes), prior_scale=v.prior_scale, init_std=v.init_std, estimator=v.estimator
+        mlp(64, HIDDEN, p.classes),
+        prior_scale=v.prior_scale,
+        init_std=v.init_std,
+        estimator=v.estimator,
+        components=v.components,
     )
     if v.init_std == "fan_in":  # as bayesianize sets it, with v.init_fraction for INIT_FRACTION
         for m in model.modules():

@@ -31,6 +31,8 @@ from hpcbnn.bnn.layers import KLTerm, kl_divergence
 from hpcbnn.bnn.noise import current, sampling
 from hpcbnn.errors import UsageError
 
+DEFAULT_COMPONENTS = 1  # of `hpcbnn.train --components`; bayesianize's own default is 1 (docs/uq.md)
+
 
 class Mixture(KLTerm):
     """K networks of one architecture as the components of a uniform mixture posterior."""
@@ -71,7 +73,7 @@ def check_samples(samples: int, components: int, what: str = "samples") -> None:
     if components > 1 and samples % components:
         raise UsageError(
             f"{what} {samples} is not a multiple of the {components} mixture components: "
-            f"use a multiple of {components}, or components 1"
+            f"use a multiple of {components}, or fewer components (--components)"
         )
 
 

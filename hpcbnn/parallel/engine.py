@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from hpcbnn.bnn.layers import kl_divergence
+from hpcbnn.bnn.mixture import check_samples, num_components
 from hpcbnn.bnn.noise import generator_seed, sampling
 from hpcbnn.bnn.objectives import (
     DEFAULT_KL_WEIGHT,
@@ -91,6 +92,7 @@ class Engine:
         amp: bool = False,
     ) -> None:
         grid.check(samples, batch_size)
+        check_samples(samples, num_components(model))
         if optimizer is not None:
             check_batch_norm(model, grid)
         if objective not in OBJECTIVES:
@@ -163,6 +165,7 @@ class Engine:
     @torch.no_grad()
     def predict(self, x: Tensor, rows: slice, global_batch: int, samples: int) -> Tensor:
         """Outputs of all `samples` weight samples on this data group's rows: [samples, B_local, ...]."""
+        check_samples(samples, num_components(self.model))
         local = list(self.grid.local_samples(samples))
         k, b, x = len(local), x.shape[0], x.to(self.dtype)
         with sampling(self.seed, EVAL_STEP, local, rows, global_batch):

@@ -17,6 +17,7 @@ import yaml
 from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser, set_parsing_settings
 
 from hpcbnn.bnn.layers import Estimator
+from hpcbnn.bnn.mixture import DEFAULT_COMPONENTS
 from hpcbnn.bnn.models import ModelName
 from hpcbnn.bnn.objectives import DEFAULT_KL_WEIGHT
 from hpcbnn.data.augment import AugmentName
@@ -53,6 +54,9 @@ class Config:
     each by about its learning rate per step, too slow at 1x for sigma to reach its fit (docs/uq.md)."""
     estimator: Estimator = "reparam"
     """Gradient estimator of the Bayesian layers."""
+    components: int = DEFAULT_COMPONENTS
+    """Components of the mixture posterior: sample s uses component s mod this (hpcbnn.bnn.mixture); samples
+    and eval_samples must be multiples of it. 1 is a single mean-field Gaussian."""
     mode: Mode = "sample"
     """Parallelism: sample splits the MC samples over ranks, data the batch, hybrid both (K x D)."""
     sample_group: Optional[int] = None
