@@ -11,7 +11,20 @@ samples are split over the sample communicator: each rank draws its K/P samples 
 keyed by the global sample index, as for Bayesian layers, so any split draws the same
 z_k), computes their log-weights [K/P, B], and the exact differentiable all-gather
 (`Collectives.allgather`, whose backward is the true adjoint) joins them into [K, B] for
-the log-mean-exp. Averaging the gradients over the ranks then gives the one-process step.
+the log-mean-exp. Averaging the gradients over the ranks then gives the one-process step
+(tests/test_iwae_vae.py: one float64 step on 2 and 4 ranks equals one rank to 1e-12).
+
+`--table` on one process (100 epochs, batch 64, Adam 1e-3; the 2 shared CPU cores) printed,
+in nats per test image (higher is better):
+
+| trained with | test K=1 | test K=8 | test K=64 |
+|---|---|---|---|
+| K=1 (the VAE) | -19.185 | -18.808 | -18.737 |
+| K=8 | -19.786 | -18.478 | -18.309 |
+| K=64 | -20.698 | -18.391 | -18.032 |
+
+Training with more importance samples buys the tighter bound at large K (-18.03 against
+-18.74 at K=64) at the cost of the single-sample ELBO, as in Burda et al. (2016).
 """
 
 import argparse
