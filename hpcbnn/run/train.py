@@ -121,7 +121,10 @@ def main(argv: list[str] | None = None) -> int:
                 "step": step,
                 "epoch": epoch,
                 "batch": batch,
-                "totals": dataclasses.asdict(totals),
+                # Plain numbers (no numpy scalars), as torch.load(weights_only=True) reads them.
+                "totals": {
+                    k: float(v) if isinstance(v, float) else int(v) for k, v in dataclasses.asdict(totals).items()
+                },
             },
             fixed,
         )
