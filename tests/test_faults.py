@@ -10,6 +10,7 @@ level by tests/test_data_format.py and tests/test_checkpoint.py.
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import random
@@ -254,6 +255,38 @@ def test_a_second_run_on_the_same_directory_is_refused_and_changes_nothing(launc
     assert "Traceback" not in second.output
     assert files(run_dir) == before
     os.kill(pid, signal.SIGCONT)
+
+
+@pytest.mark.mpi
+def test_a_stop_signal_during_validation_and_the_final_evaluation_is_honoured(launch, tmp_path: Path) -> None:
+    """SIGUSR1 (to mpirun, which forwards it) while the epoch is validated: exit 75 before the
+    next validation batch; the resume validates and logs the epoch, and a second SIGUSR1 during
+    its final test evaluation exits 75 again; the third run only evaluates. Each epoch is logged once.
+    A large --eval_samples makes each evaluation last seconds, so the signal lands inside it."""
+    run_dir = tmp_path / "run"
+    slow = ["--epochs", "1", "--backend", "torch", *TINY, "--eval_samples", "4096"]
+    job = launch(2, train_args(run_dir, *slow))
+    job.wait_for(rf"epoch 0 step {STEPS_PER_EPOCH}/")  # the epoch's last step: validation follows
+    job.proc.send_signal(signal.SIGUSR1)
+    assert job.finish(START) == 75, job.output
+    assert job.output.count(f"stop signal during validation: checkpoint at step {STEPS_PER_EPOCH} written") == 1
+    assert not (run_dir / "metrics.jsonl").exists()
+
+    resumed = launch(2, train_args(run_dir, *slow, "--resume", "true"))
+    resumed.wait_for(f"after {STEPS_PER_EPOCH} batches")
+    deadline = time.monotonic() + START
+    while not (run_dir / "metrics.jsonl").exists() and time.monotonic() < deadline:  # validated and logged:
+        time.sleep(0.01)  # the final evaluation follows its checkpoint at once
+    resumed.proc.send_signal(signal.SIGUSR1)
+    assert resumed.finish(START) == 75, resumed.output
+    assert resumed.output.count(f"stop signal during the final evaluation: the last checkpoint (step "
+                                f"{STEPS_PER_EPOCH})") == 1, resumed.output
+    assert not (run_dir / "summary.json").exists()
+
+    last = launch(2, train_args(run_dir, *slow, "--resume", "true", "--eval_samples", "4"))  # may change
+    assert last.finish(START) == 0, last.output
+    assert [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert (run_dir / "summary.json").exists()
 
 
 # 3. Bad input: one line from rank 0, exit 2 on every rank, nothing written.
