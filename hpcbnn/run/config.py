@@ -20,12 +20,14 @@ from hpcbnn.bnn.layers import Estimator
 from hpcbnn.bnn.mixture import DEFAULT_COMPONENTS
 from hpcbnn.bnn.models import ModelName
 from hpcbnn.bnn.objectives import DEFAULT_KL_WEIGHT
+from hpcbnn.bounded import COLLECTIVE_TIMEOUT_S
 from hpcbnn.data.augment import AugmentName
 from hpcbnn.errors import UsageError, world_rank
 from hpcbnn.optim.optimizers import RHO_LR_SCALE
 from hpcbnn.parallel.collectives import Backend
 from hpcbnn.parallel.engine import AugmentMode, Objective
 from hpcbnn.parallel.grid import Mode
+from hpcbnn.run.checkpoint import write_atomically
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
 T = TypeVar("T")
@@ -63,6 +65,9 @@ class Config:
     """hybrid: K ranks per sample group (default: the ranks per node)."""
     backend: Backend = "horovod"
     """Collectives: Horovod over MPI, or torch.distributed (Gloo on CPU, NCCL on GPU)."""
+    collective_timeout: float = COLLECTIVE_TIMEOUT_S
+    """Seconds any collective may wait for the slowest rank: past it, a stopped or hung rank ends the
+    job with one line naming it (exit 1), instead of at the scheduler's time limit."""
     reduction: Literal["world", "hierarchical"] = "world"
     """Gradient averaging: one call over all ranks, or over the sample then the data communicator."""
     samples: int = 8
@@ -141,12 +146,51 @@ def parse_options(cls: type[T], prog: str, argv: list[str] | None = None) -> T:
     return cls(**values)
 
 
+# What a resume must not change, because the run continued would no longer be the run
+# checkpointed: the data (`data` compares the training split's identity, not the path, so a
+# staged copy resumes), the model and its posterior, the objective, the optimizer and the
+# randomness. Everything else (epochs, the grid, the backend, logging, evaluation) may change.
+RESUME_FIXED = (
+    "data",
+    "model",
+    "hidden",
+    "bayesian_layers",
+    "pretrained",
+    "prior_scale",
+    "init_std",
+    "rho_lr_scale",
+    "estimator",
+    "components",
+    "samples",
+    "batch_size",
+    "objective",
+    "kl_weight",
+    "optimizer",
+    "lr",
+    "weight_decay",
+    "momentum",
+    "warmup_epochs",
+    "schedule",
+    "clip_grad",
+    "dtype",
+    "augment",
+    "augment_mode",
+    "seed",
+)
+# Options that may differ between the ranks of one job (each rank's own device).
+PER_RANK = ("device",)
+
+
 def parse_config(argv: list[str] | None = None) -> Config:
-    return parse_options(Config, "python -m hpcbnn.train", argv)
+    cfg = parse_options(Config, "python -m hpcbnn.train", argv)
+    if not cfg.collective_timeout > 0:
+        raise UsageError(f"--collective_timeout {cfg.collective_timeout:g}: use a number of seconds > 0")
+    return cfg
 
 
 def save_config(cfg: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
+    """Write the resolved configuration atomically: a kill never leaves half of it."""
+    write_atomically(path, yaml.safe_dump(asdict(cfg), sort_keys=False).encode())
 
 
 def load_config(path: Path) -> Config:
