@@ -354,6 +354,12 @@ def other_data(tmp_path: Path) -> list[str]:
     return args + edited(lambda f: f.attrs.__setitem__("std", f.attrs["std"] * 2))(tmp_path)
 
 
+def bad_pretrained(tmp_path: Path) -> list[str]:
+    path = tmp_path / "data.pt"
+    path.write_bytes(b"these are not weights")
+    return ["--pretrained", str(path)]
+
+
 BAD_INPUT = {
     "unreadable HDF5 file": (truncated, "data.h5: not a readable HDF5 file"),
     "wrong schema version": (edited(lambda f: f.attrs.__setitem__("schema_version", 7)),
@@ -372,6 +378,7 @@ BAD_INPUT = {
     "checkpoint of another model": (other_model_checkpoint, "is of a different model"),
     "resume with another batch size": (lambda p: checkpoint_of(p, "--batch_size", "64"),
                                        "--batch_size is 64, but checkpoint "),
+    "pretrained file that is not a state_dict": (bad_pretrained, "data.pt: not a state_dict saved with torch.save"),
     "resume on other data": (other_data, "--data is 1257 training examples of shape [1, 8, 8] (digest "),
 }
 

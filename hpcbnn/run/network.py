@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pickle
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 
@@ -20,13 +23,7 @@ def build_network(cfg: Config, info: DatasetInfo) -> nn.Module:
     outputs = info.num_classes if info.task == "classification" else 2 * info.num_classes
     model = build_model(cfg.model, info.input_shape, outputs, hidden=cfg.hidden)
     if cfg.pretrained:
-        try:
-            model.load_state_dict(torch.load(cfg.pretrained, map_location="cpu", weights_only=True))
-        except (OSError, RuntimeError) as exc:
-            first = str(exc).strip().splitlines()[0]
-            raise UsageError(
-                f"--pretrained {cfg.pretrained}: cannot load it into --model {cfg.model}: {first}"
-            ) from None
+        load_pretrained(model, cfg.pretrained, cfg.model)
     model = bayesianize(
         model,
         layers=cfg.bayesian_layers,
@@ -36,3 +33,28 @@ def build_network(cfg: Config, info: DatasetInfo) -> nn.Module:
         components=cfg.components,
     )
     return model.to(getattr(torch, cfg.dtype))
+
+
+def load_pretrained(model: nn.Module, path: str, name: str) -> None:
+    """`path`'s state_dict into `model`; a missing, foreign or mismatched file is one UsageError line."""
+    try:
+        weights = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as exc:
+        raise UsageError(f"--pretrained {path}: cannot read it ({exc.strerror})") from None
+    except Exception as exc:  # not a torch.save file, truncated, or a pickle of more than tensors
+        first = (
+            "not a torch file, or a pickle of more than tensors, which weights-only loading refuses"
+            if isinstance(exc, pickle.UnpicklingError)
+            else (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+        )
+        raise UsageError(
+            f"--pretrained {path}: not a state_dict saved with torch.save ({first}); save the "
+            f"deterministic model's weights with torch.save(model.state_dict(), PATH)"
+        ) from None
+    if not isinstance(weights, Mapping):
+        raise UsageError(f"--pretrained {path}: holds a {type(weights).__name__}, not a state_dict")
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        detail = " ".join(line.strip() for line in str(exc).strip().splitlines()[:2])[:200]
+        raise UsageError(f"--pretrained {path}: cannot load it into --model {name}: {detail}") from None
