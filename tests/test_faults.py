@@ -289,6 +289,28 @@ def test_a_stop_signal_during_validation_and_the_final_evaluation_is_honoured(la
     assert (run_dir / "summary.json").exists()
 
 
+@pytest.mark.mpi
+def test_a_stop_checkpoint_that_cannot_be_written_still_exits_75(launch, tmp_path: Path) -> None:
+    """The run directory on a real 32 KiB tmpfs (the tests run as root, as CI does): config.yaml
+    fits, a 74 KB checkpoint does not. SIGUSR1 mid-epoch: the write fails with ENOSPC, the job
+    says so in one line and still exits 75 for the job scripts' requeue; no temporary file stays."""
+    run_dir = tmp_path / "small"
+    run_dir.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32k", "tmpfs", str(run_dir)], check=True)
+    try:
+        job = launch(2, train_args(run_dir, "--epochs", "50", "--backend", "torch", *TINY))
+        job.wait_for(r"epoch 0 step 10/")
+        job.proc.send_signal(signal.SIGUSR1)
+        assert job.finish(START) == 75, job.output
+        assert job.output.count(f"hpcbnn.train: stop signal during training: cannot write checkpoint {run_dir}/"
+                                f"checkpoints/step-") == 1, job.output
+        assert "ENOSPC, No space left on device" in job.output and "exiting with 75" in job.output
+        assert "Traceback" not in job.output
+        assert list((run_dir / "checkpoints").iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(run_dir)], check=True)
+
+
 # 3. Bad input: one line from rank 0, exit 2 on every rank, nothing written.
 
 def edited(edit: Callable[[h5py.File], None]) -> Callable[[Path], list[str]]:
