@@ -334,7 +334,7 @@ def test_time_limit_warning_checkpoints_requeues_and_resumes(cluster: SlurmClust
     job = finished(cluster, tmp_path, job_id, timeout=240)
     text = log(tmp_path, job_id)
     assert (job.state, job.exit_code, job.restarts) == ("COMPLETED", 0, 1), text
-    assert "stop signal: checkpoint" in text and f"requeueing job {job_id}" in text
+    assert "exiting with 75" in text and f"requeueing job {job_id}" in text
     assert "(restart 1)" in text
     logged = [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()]
     assert logged == list(range(1, epochs + 1)), f"the requeued run did not resume: epochs {logged}"
