@@ -509,6 +509,13 @@ ROUND2_OPTIONS: dict[str, dict[str, Any]] = {
     "rho x10, kl 0.003, local": ROUND1 | {"estimator": "local"},
 }
 ROUND2_EVAL_SAMPLES = (8, 128)  # re-scores of the round-1 option's models (training unchanged)
+ROUND3_OPTIONS: dict[str, dict[str, Any]] = {
+    "1 component (round 2)": {},
+    "4 components": {"components": 4},
+    "8 components": {"components": 8},
+    "8 components, lr 1e-3": {"components": 8, "lr": 1e-3},
+    "8 components, lr 1e-3, rho x10": {"components": 8, "lr": 1e-3, "rho_lr_scale": 10.0},
+}
 RANKED = {
     "classification": (("nll", -1), ("ece", -1), ("auroc_best", 1), ("auroc_mi", 1)),
     "regression": (("nll", -1),),
@@ -519,6 +526,29 @@ def regression_settings(v: Variational) -> Any:
     """The classification option `v` as benchmarks.uq_regression's settings (it trains with half the samples)."""
     reg = importlib.import_module("benchmarks.uq_regression")
     return reg.Variational(v.kl_weight, v.rho_lr_scale, v.init_fraction, v.estimator, v.samples // 2)
+
+
+def tune_round3(args: argparse.Namespace) -> None:
+    """Round 3: mixture posteriors of K components (the same S = 8 samples per step) against the round-2
+    default, the deterministic net and the ensemble, on the validation split; means over seeds."""
+    seeds = list(range(args.seeds))
+    for p in digits_protocols(args.protocols):
+        found: dict[str, list[dict[str, float]]] = {}
+        for seed in seeds:
+            members = [fit_map(p, seed * 100 + i, EPOCHS) for i in range(ENSEMBLE)]
+            for name, predict in (("MAP (deterministic)", members[:1]), ("ensemble of 5", members)):
+                found.setdefault(name, []).append(evaluate(members_predictor(predict), p.val.x, p.val.y, p.ood_val)[0])
+            for option, settings in ROUND3_OPTIONS.items():
+                model = fit_bnn(p, dataclasses.replace(Variational(), **settings), seed, EPOCHS)
+                metrics = evaluate(bnn_predictor(model, seed), p.val.x, p.val.y, p.ood_val)[0]
+                found.setdefault(option, []).append(metrics | sigma_quantiles(model))
+            print(f"benchmarks.uq --tune --round 3: {p.name} seed {seed} done", flush=True)
+        keys = ("accuracy", "nll", "ece", "auroc_maxprob", "auroc_entropy", "auroc_mi", "mi_in", "mi_out", "sigma_q50")
+        print(f"validation split of {p.name}, {len(seeds)} seed(s), {EPOCHS} epochs, means over seeds")
+        print(f"{'option':<36} " + " ".join(f"{k:>13}" for k in keys))
+        for option, rs in found.items():
+            values = {k: float(np.mean([r[k] for r in rs])) for k in rs[0]}
+            print(f"{option:<36} " + " ".join(f"{values[k]:>13.4g}" if k in values else f"{'-':>13}" for k in keys))
 
 
 def tune_round2(args: argparse.Namespace) -> None:
@@ -596,7 +626,7 @@ def main() -> None:
     mode.add_argument("--quick", action="store_true", help="one seed, 30 epochs (< 5 minutes on 2 cores)")
     mode.add_argument("--smoke", action="store_true", help="one seed, one epoch, ensemble of 2 (for the test)")
     mode.add_argument("--tune", action="store_true", help="compare training options on the validation split")
-    parser.add_argument("--round", type=int, default=1, choices=(1, 2), help="which --tune study")
+    parser.add_argument("--round", type=int, default=1, choices=(1, 2, 3), help="which --tune study")
     parser.add_argument("--seeds", type=int, default=3, help="seeds of the full run (means over them)")
     parser.add_argument(
         "--protocols",
@@ -610,7 +640,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.tune:
-        tune_round2(args) if args.round == 2 else tune(args)
+        {1: tune, 2: tune_round2, 3: tune_round3}[args.round](args)
     else:
         benchmark(args)
 
