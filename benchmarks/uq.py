@@ -130,7 +130,7 @@ class Variational:
     """The BNN's settings; the defaults are the library's (Config and bayesianize)."""
 
     estimator: str = Config.estimator
-    components: int = Config.components
+    components: int | None = Config.components  # None: one per sample
     prior_scale: Any = Config.prior_scale
     init_std: Any = Config.init_std
     init_fraction: float = INIT_FRACTION  # initial sigma / He std, with init_std "fan_in"
@@ -156,7 +156,7 @@ def fit_bnn(p: Protocol, v: Variational, seed: int, epochs: int) -> nn.Module:
         prior_scale=v.prior_scale,
         init_std=v.init_std,
         estimator=v.estimator,
-        components=v.components,
+        components=v.components or v.samples,
     )
     if v.init_std == "fan_in":  # as bayesianize sets it, with v.init_fraction for INIT_FRACTION
         for m in model.modules():
@@ -441,8 +441,9 @@ def benchmark(args: argparse.Namespace) -> None:
     print(json.dumps(report, default=float))
 
 
-OLD = {"prior_scale": 1.0, "init_std": 1e-3, "rho_lr_scale": 1.0, "kl_weight": 1.0}
-FAN = {"prior_scale": "fan_in", "init_std": "fan_in", "rho_lr_scale": 1.0, "kl_weight": 1.0}
+SINGLE = {"components": 1, "lr": 3e-3}  # rounds 1 and 2 compared single posteriors at the then-default lr
+OLD = SINGLE | {"prior_scale": 1.0, "init_std": 1e-3, "rho_lr_scale": 1.0, "kl_weight": 1.0}
+FAN = SINGLE | {"prior_scale": "fan_in", "init_std": "fan_in", "rho_lr_scale": 1.0, "kl_weight": 1.0}
 TUNE_OPTIONS: dict[str, dict[str, Any]] = {
     "old defaults: N(0,1) prior, sigma0 1e-3": OLD,
     "old, rho lr x10": OLD | {"rho_lr_scale": 10.0},
@@ -497,7 +498,7 @@ def tune(args: argparse.Namespace) -> None:
             print(f"{name:<46} {cells}", flush=True)
 
 
-ROUND1 = {"prior_scale": "fan_in", "init_std": "fan_in", "rho_lr_scale": 10.0, "kl_weight": 0.003}
+ROUND1 = SINGLE | {"prior_scale": "fan_in", "init_std": "fan_in", "rho_lr_scale": 10.0, "kl_weight": 0.003}
 ROUND2_OPTIONS: dict[str, dict[str, Any]] = {
     "rho x10, kl 0.003 (round 1)": ROUND1,
     "rho x10, kl 0.01": ROUND1 | {"kl_weight": 0.01},
@@ -510,9 +511,9 @@ ROUND2_OPTIONS: dict[str, dict[str, Any]] = {
 }
 ROUND2_EVAL_SAMPLES = (8, 128)  # re-scores of the round-1 option's models (training unchanged)
 ROUND3_OPTIONS: dict[str, dict[str, Any]] = {
-    "1 component (round 2)": {},
-    "4 components": {"components": 4},
-    "8 components": {"components": 8},
+    "1 component (round 2)": {"components": 1, "lr": 3e-3},
+    "4 components": {"components": 4, "lr": 3e-3},
+    "8 components": {"components": 8, "lr": 3e-3},
     "8 components, lr 1e-3": {"components": 8, "lr": 1e-3},
     "8 components, lr 1e-3, rho x10": {"components": 8, "lr": 1e-3, "rho_lr_scale": 10.0},
 }

@@ -31,8 +31,6 @@ from hpcbnn.bnn.layers import KLTerm, kl_divergence
 from hpcbnn.bnn.noise import current, sampling
 from hpcbnn.errors import UsageError
 
-DEFAULT_COMPONENTS = 1  # of `hpcbnn.train --components`; bayesianize's own default is 1 (docs/uq.md)
-
 
 class Mixture(KLTerm):
     """K networks of one architecture as the components of a uniform mixture posterior."""

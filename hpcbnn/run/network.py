@@ -18,8 +18,9 @@ from hpcbnn.run.config import Config
 
 def build_network(cfg: Config, info: DatasetInfo) -> nn.Module:
     """Classification: one logit per class; regression: a Gaussian mean and scale per target."""
-    check_samples(cfg.samples, cfg.components, "--samples")
-    check_samples(cfg.eval_samples or cfg.samples, cfg.components, "--eval_samples")
+    components = cfg.components or cfg.samples
+    check_samples(cfg.samples, components, "--samples")
+    check_samples(cfg.eval_samples or cfg.samples, components, "--eval_samples")
     outputs = info.num_classes if info.task == "classification" else 2 * info.num_classes
     model = build_model(cfg.model, info.input_shape, outputs, hidden=cfg.hidden)
     if cfg.pretrained:
@@ -30,7 +31,7 @@ def build_network(cfg: Config, info: DatasetInfo) -> nn.Module:
         prior_scale=cfg.prior_scale,
         init_std=cfg.init_std,
         estimator=cfg.estimator,
-        components=cfg.components,
+        components=components,
     )
     return model.to(getattr(torch, cfg.dtype))
 
