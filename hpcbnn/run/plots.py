@@ -169,7 +169,10 @@ def learning_curves(records: Sequence[dict[str, Any]], path: str | Path) -> Path
     if layers:
         ax = axes[len(panels)]
         for name in layers:
-            quantile = {q: series(f"sigma.{name}.{q}") for q in ("p10", "median", "p90")}
+            quantile = {  # looked up by name: a layer's name has dots of its own ("components.0.1")
+                q: [((r.get("sigma") or {}).get(name) or {}).get(q, math.nan) for r in records]
+                for q in ("p10", "median", "p90")
+            }
             (line,) = ax.plot(epochs, quantile["median"], "o-", markersize=3, label=name)
             ax.fill_between(epochs, quantile["p10"], quantile["p90"], color=line.get_color(), alpha=0.2)
         ax.set(title="posterior sigma (median, p10-p90)", xlabel="epoch", yscale="log")
