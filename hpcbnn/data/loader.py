@@ -250,6 +250,22 @@ class Loader:
 _END = object()
 
 
+def ood_like(choice: str, like: Loader, open_split: Callable[[], Loader]) -> Loader:
+    """The OOD loader that `open_split` opens for `--ood choice`, checked against `like` (the
+    in-distribution data: same input shape) and given its normalisation, not its own file's."""
+    try:
+        loader = open_split()
+    except UsageError as exc:
+        raise UsageError(f"--ood: {exc}", collective=exc.collective) from None
+    if loader.info.input_shape != like.info.input_shape:
+        raise UsageError(
+            f"--ood {choice}: its inputs have shape {list(loader.info.input_shape)}, the model's "
+            f"{list(like.info.input_shape)}"
+        )
+    loader.scale, loader.shift = like.scale, like.shift
+    return loader
+
+
 class _Failure:
     def __init__(self, exc: BaseException) -> None:
         self.exc = exc

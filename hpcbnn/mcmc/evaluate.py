@@ -20,6 +20,7 @@ import torch
 
 from hpcbnn.data import Loader, open_dataset
 from hpcbnn.data.convert import default_dataset, default_ood_dataset
+from hpcbnn.data.loader import ood_like
 from hpcbnn.errors import UsageError
 from hpcbnn.mcmc.models import bnn_network
 from hpcbnn.mcmc.results import latents, load
@@ -94,14 +95,4 @@ def _ood_loader(choice: str | None, split: str, like: Loader, grid: ProcessGrid,
         path = default_ood_dataset()
     else:
         path = Path(choice)
-    try:
-        loader = Loader(path, split, grid, batch, shuffle=False, drop_last=False)
-    except UsageError as exc:
-        raise UsageError(f"--ood: {exc}", collective=exc.collective) from None
-    if loader.info.input_shape != like.info.input_shape:
-        raise UsageError(
-            f"--ood {choice}: its inputs have shape {list(loader.info.input_shape)}, the model's "
-            f"{list(like.info.input_shape)}"
-        )
-    loader.scale, loader.shift = like.scale, like.shift
-    return loader
+    return ood_like(choice, like, lambda: Loader(path, split, grid, batch, shuffle=False, drop_last=False))

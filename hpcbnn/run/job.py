@@ -14,6 +14,7 @@ from torch import nn
 
 from hpcbnn.data import DatasetInfo, Loader, default_dataset
 from hpcbnn.data.convert import default_ood_dataset
+from hpcbnn.data.loader import ood_like
 from hpcbnn.errors import UsageError
 from hpcbnn.parallel.collectives import Collectives, make_collectives
 from hpcbnn.parallel.grid import ProcessGrid
@@ -75,17 +76,8 @@ class Job:
             return None
         if like.info.task != "classification":
             raise UsageError(f"--ood {choice}: OOD detection needs a classification data set, {like.info.path} is not")
-        try:
-            loader = self.loader(split, default_ood_dataset() if choice == "auto" else Path(choice))
-        except UsageError as exc:
-            raise UsageError(f"--ood: {exc}", collective=exc.collective) from None
-        if loader.info.input_shape != like.info.input_shape:
-            raise UsageError(
-                f"--ood {choice}: its inputs have shape {list(loader.info.input_shape)}, the model's "
-                f"{list(like.info.input_shape)}"
-            )
-        loader.scale, loader.shift = like.scale, like.shift
-        return loader
+        path = default_ood_dataset() if choice == "auto" else Path(choice)
+        return ood_like(choice, like, lambda: self.loader(split, path))
 
     def network(self, info: DatasetInfo) -> nn.Module:
         """The configured network on this rank's device, its initial weights from `--seed`
