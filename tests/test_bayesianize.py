@@ -145,13 +145,14 @@ def test_build_model_dispatch_and_errors():
 
 
 def test_default_prior_and_initial_sigma_follow_fan_in():
-    """He std sqrt(2/fan_in) for the prior, INIT_FRACTION of it for the initial sigma (bias included)."""
-    from hpcbnn.bnn.layers import INIT_FRACTION
+    """PRIOR_FRACTION of the He std sqrt(2/fan_in) for the prior, INIT_FRACTION of it for the initial sigma
+    (bias included)."""
+    from hpcbnn.bnn.layers import INIT_FRACTION, PRIOR_FRACTION
 
     model = bayesianize(nn.Sequential(nn.Linear(64, 8), nn.Conv2d(3, 4, 3, groups=1)))
     for layer, fan_in in zip(bayesian_layers(model), (64, 27)):
         he = (2 / fan_in) ** 0.5
-        assert layer.prior_scale == pytest.approx(he)
+        assert layer.prior_scale == pytest.approx(PRIOR_FRACTION * he)
         for rho in (layer.weight_rho, layer.bias_rho):
             assert torch.allclose(F.softplus(rho), torch.tensor(INIT_FRACTION * he))
     with pytest.raises(UsageError, match="fan_in"):

@@ -2,11 +2,14 @@
 
 Each weight w has a posterior N(mu, sigma^2), sigma = softplus(rho), and the prior is
 N(0, prior_scale^2) with a closed-form KL. By default both scale with the layer's fan-in
-(`"fan_in"`): the prior is He's sqrt(2 / fan_in), the scale at which a ReLU network's
-activations neither blow up nor vanish (a unit prior on a 64-input layer is 8x that), and
-sigma starts at INIT_FRACTION of it: next to the deterministic network, yet with noise
-that the data can shape within a short run, given the sigmas' own learning rate
-(`make_optimizer(rho_lr_scale=...)`) and a tempered KL (`kl_weight`); docs/uq.md measures it.
+(`"fan_in"`), from He's sqrt(2 / fan_in), the scale at which a ReLU network's activations
+neither blow up nor vanish (a unit prior on a 64-input layer is 8x that). The prior is
+PRIOR_FRACTION of it: at half the He std the KL's pull on the means, kl_weight / (N
+prior^2), is of the order of a tuned deterministic net's weight decay, and that pull is
+what spreads a mixture's components apart off the data. Sigma starts at INIT_FRACTION of
+the He std, so the weight noise stays below the components' disagreement; the sigmas' own
+learning rate (`make_optimizer(rho_lr_scale=...)`) and a tempered KL (`kl_weight`) let the
+data shape them from there. docs/uq.md measures every choice (round 4 for these two).
 
 Inside `hpcbnn.bnn.noise.sampling(...)` an input has k*B rows, sample-major, and a layer
 evaluates the k samples together: Linear with one batched matmul on [k, B*, in], Conv
@@ -43,7 +46,8 @@ from hpcbnn.ppl.tracing import tracing
 Estimator = Literal["reparam", "flipout", "local"]
 ESTIMATORS: tuple[Estimator, ...] = get_args(Estimator)
 FAN_IN: Literal["fan_in"] = "fan_in"
-INIT_FRACTION = 0.1  # initial sigma / He std with init_std="fan_in"
+PRIOR_FRACTION = 0.5  # prior std / He std with prior_scale="fan_in" (docs/uq.md, round 4)
+INIT_FRACTION = 0.01  # initial sigma / He std with init_std="fan_in" (docs/uq.md, round 4)
 Scale = Union[float, Literal["fan_in"]]
 
 
@@ -75,7 +79,8 @@ class KLTerm(nn.Module):
 class BayesianModule(KLTerm):
     """Posterior N(weight_mu, softplus(weight_rho)^2) per weight (and bias), prior N(0, prior_scale^2).
 
-    `prior_scale` and `init_std` are numbers or "fan_in" (He std, resp. INIT_FRACTION of it);
+    `prior_scale` and `init_std` are numbers or "fan_in" (PRIOR_FRACTION, resp. INIT_FRACTION of
+    the He std);
     the layer keeps the resolved numbers, which the bias shares. `variable_name`, the
     qualified name (set by `assign_noise_keys`), names its weights' random variables.
     """
@@ -96,7 +101,7 @@ class BayesianModule(KLTerm):
         super().__init__()
         if estimator not in ESTIMATORS:
             raise UsageError(f"unknown estimator {estimator!r}: choose one of {', '.join(ESTIMATORS)}")
-        prior_scale = resolve_scale(prior_scale, weight_shape)
+        prior_scale = resolve_scale(prior_scale, weight_shape, PRIOR_FRACTION)
         init_std = resolve_scale(init_std, weight_shape, INIT_FRACTION)
         if prior_scale <= 0 or init_std <= 0:
             raise UsageError(f"prior_scale ({prior_scale}) and init_std ({init_std}) must be positive")

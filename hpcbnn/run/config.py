@@ -47,9 +47,10 @@ class Config:
     pretrained: Optional[str] = None
     """A local file with deterministic weights (a state_dict) to centre the posterior on."""
     prior_scale: Union[float, Literal["fan_in"]] = "fan_in"
-    """Standard deviation of the Gaussian prior on every weight; fan_in: each layer's He std sqrt(2/fan_in)."""
+    """Standard deviation of the Gaussian prior on every weight; fan_in: half each layer's He std
+    sqrt(2/fan_in) (docs/uq.md, round 4)."""
     init_std: Union[float, Literal["fan_in"]] = "fan_in"
-    """Initial posterior standard deviation; fan_in: a tenth of each layer's He std."""
+    """Initial posterior standard deviation; fan_in: a hundredth of each layer's He std."""
     rho_lr_scale: float = RHO_LR_SCALE
     """Learning rate of the posterior standard deviations' parameters (rho), relative to --lr: Adam moves
     each by about its learning rate per step, too slow at 1x for sigma to reach its fit (docs/uq.md)."""
