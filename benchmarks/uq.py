@@ -1,7 +1,7 @@
 """Does the uncertainty pay? hpcbnn's BNN against a deterministic net and a deep ensemble, in one harness.
 
     python -m benchmarks.uq [--quick | --smoke] [--seeds N] [--out runs/uq]
-    python -m benchmarks.uq --tune [--round 2]  # the validation-split studies of variational training options
+    python -m benchmarks.uq --tune [--round 2|3|4]  # the validation-split studies of variational training options
 
 Protocols, on scikit-learn's bundled digits with hpcbnn's train/val/test split (inputs
 standardised with the training split's statistics, as the loader does):
@@ -43,8 +43,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from benchmarks.fractions import apply_fractions
 from hpcbnn.bnn.bayesianize import bayesianize
-from hpcbnn.bnn.layers import ESTIMATORS, INIT_FRACTION, BayesianModule, he_std, inverse_softplus, kl_divergence
+from hpcbnn.bnn.layers import ESTIMATORS, INIT_FRACTION, PRIOR_FRACTION, BayesianModule, kl_divergence
 from hpcbnn.bnn.models import mlp
 from hpcbnn.bnn.noise import sampling
 from hpcbnn.bnn.objectives import categorical_loglik, elbo_loss, predictive_loss
@@ -134,6 +135,7 @@ class Variational:
     prior_scale: Any = Config.prior_scale
     init_std: Any = Config.init_std
     init_fraction: float = INIT_FRACTION  # initial sigma / He std, with init_std "fan_in"
+    prior_fraction: float = PRIOR_FRACTION  # prior std / He std, with prior_scale "fan_in"
     rho_lr_scale: float = Config.rho_lr_scale
     kl_weight: float = Config.kl_weight
     kl_warmup: float = 0.0  # fraction of the steps over which the KL weight ramps up linearly
@@ -158,12 +160,11 @@ def fit_bnn(p: Protocol, v: Variational, seed: int, epochs: int) -> nn.Module:
         estimator=v.estimator,
         components=v.components or v.samples,
     )
-    if v.init_std == "fan_in":  # as bayesianize sets it, with v.init_fraction for INIT_FRACTION
-        for m in model.modules():
-            if isinstance(m, BayesianModule):
-                for rho in (m.weight_rho, m.bias_rho):
-                    if rho is not None:
-                        nn.init.constant_(rho, inverse_softplus(v.init_fraction * he_std(m.weight_mu.shape)))
+    apply_fractions(  # as bayesianize sets them, with v's fractions for INIT_FRACTION and PRIOR_FRACTION
+        model,
+        v.init_fraction if v.init_std == "fan_in" else None,
+        v.prior_fraction if v.prior_scale == "fan_in" else None,
+    )
     optimizer = make_optimizer(model, "adam", v.lr, rho_lr_scale=v.rho_lr_scale)
     n = len(p.train.y)
     per_epoch = math.ceil(n / v.batch_size)
@@ -364,22 +365,26 @@ def table(rows: list[tuple[str, str, dict[str, float]]], keys: tuple[str, ...]) 
     return "\n".join(lines)
 
 
-def bar(name: str, m: dict[str, dict[str, float]]) -> list[str]:
-    """The issue's targets for the default BNN on one protocol, each with its numbers and met / NOT met."""
-    bnn, det, ens = m["bnn"], m["deterministic"], m["ensemble"]
+def checks(bnn: dict[str, float], det: dict[str, float], ens: dict[str, float]) -> list[tuple[str, float, float, bool]]:
+    """The issue's targets for a BNN on one protocol: (target, BNN's value, reference, met)."""
     best = max(SCORES, key=lambda k: bnn[f"auroc_{k}"])
-    checks = [  # (target, BNN's value, reference, least difference), signed so that higher is better
+    targets = [  # (target, BNN's value, reference, least difference), signed so that higher is better
         ("NLL below deterministic", -bnn["nll"], -det["nll"], 0.0),
         ("ECE below deterministic", -bnn["ece"], -det["ece"], 0.0),
         (f"AUROC ({best}) above det. max-prob", bnn[f"auroc_{best}"], det["auroc_maxprob"], 0.0),
         ("MI-AUROC >= ensemble's - 0.01", bnn["auroc_mi"], ens["auroc_mi"], -0.01),
         ("accuracy within 0.5 points of det.", bnn["accuracy"], det["accuracy"], -0.005),
     ]
-    lines = []
-    for what, a, b, margin in checks:
-        met = a - b > 0 if margin == 0 else a - b >= margin  # "below"/"above" are strict, tolerances are not
-        lines.append(f"{name:<10} {what:<38} {abs(a):.4f} vs {abs(b):.4f}  {'met' if met else 'NOT met'}")
-    return lines
+    # "below"/"above" are strict, tolerances are not
+    return [(what, abs(a), abs(b), a - b > 0 if margin == 0 else a - b >= margin) for what, a, b, margin in targets]
+
+
+def bar(name: str, m: dict[str, dict[str, float]]) -> list[str]:
+    """The issue's targets for the default BNN on one protocol, each with its numbers and met / NOT met."""
+    return [
+        f"{name:<10} {what:<38} {a:.4f} vs {b:.4f}  {'met' if met else 'NOT met'}"
+        for what, a, b, met in checks(m["bnn"], m["deterministic"], m["ensemble"])
+    ]
 
 
 def regression_results(quick: bool) -> dict | None:
@@ -441,7 +446,9 @@ def benchmark(args: argparse.Namespace) -> None:
     print(json.dumps(report, default=float))
 
 
-SINGLE = {"components": 1, "lr": 3e-3}  # rounds 1 and 2 compared single posteriors at the then-default lr
+# Rounds 1-3 ran with the then-default fan-in fractions (prior = He std, sigma0 = 0.1 He), pinned here.
+ROUND3 = {"prior_fraction": 1.0, "init_fraction": 0.1}
+SINGLE = ROUND3 | {"components": 1, "lr": 3e-3}  # rounds 1 and 2 compared single posteriors at the then-default lr
 OLD = SINGLE | {"prior_scale": 1.0, "init_std": 1e-3, "rho_lr_scale": 1.0, "kl_weight": 1.0}
 FAN = SINGLE | {"prior_scale": "fan_in", "init_std": "fan_in", "rho_lr_scale": 1.0, "kl_weight": 1.0}
 TUNE_OPTIONS: dict[str, dict[str, Any]] = {
@@ -511,11 +518,23 @@ ROUND2_OPTIONS: dict[str, dict[str, Any]] = {
 }
 ROUND2_EVAL_SAMPLES = (8, 128)  # re-scores of the round-1 option's models (training unchanged)
 ROUND3_OPTIONS: dict[str, dict[str, Any]] = {
-    "1 component (round 2)": {"components": 1, "lr": 3e-3},
-    "4 components": {"components": 4, "lr": 3e-3},
-    "8 components": {"components": 8, "lr": 3e-3},
-    "8 components, lr 1e-3": {"components": 8, "lr": 1e-3},
-    "8 components, lr 1e-3, rho x10": {"components": 8, "lr": 1e-3, "rho_lr_scale": 10.0},
+    "1 component (round 2)": ROUND3 | {"components": 1, "lr": 3e-3},
+    "4 components": ROUND3 | {"components": 4, "lr": 3e-3},
+    "8 components": ROUND3 | {"components": 8, "lr": 3e-3},
+    "8 components, lr 1e-3": ROUND3 | {"components": 8, "lr": 1e-3},
+    "8 components, lr 1e-3, rho x10": ROUND3 | {"components": 8, "lr": 1e-3, "rho_lr_scale": 10.0},
+}
+ROUND4_OPTIONS: dict[str, dict[str, Any]] = {  # the round-3 mixture (8 components, lr 1e-3) with other fractions
+    "round 3: prior 1 He, sigma0 0.1 He": ROUND3,
+    "prior 1 He, sigma0 0.03 He": {"prior_fraction": 1.0, "init_fraction": 0.03},
+    "prior 1 He, sigma0 0.01 He, rho x1": {"prior_fraction": 1.0, "init_fraction": 0.01, "rho_lr_scale": 1.0},
+    "prior 2 He, sigma0 0.01 He": {"prior_fraction": 2.0, "init_fraction": 0.01},
+    "prior 0.7 He, sigma0 0.01 He": {"prior_fraction": 0.7, "init_fraction": 0.01},
+    "prior 0.5 He, sigma0 0.03 He": {"prior_fraction": 0.5, "init_fraction": 0.03},
+    "prior 0.5 He, sigma0 0.01 He": {"prior_fraction": 0.5, "init_fraction": 0.01},
+    "prior 0.5 He, sigma0 0.003 He": {"prior_fraction": 0.5, "init_fraction": 0.003},
+    "prior 0.35 He, sigma0 0.01 He": {"prior_fraction": 0.35, "init_fraction": 0.01},
+    "prior 0.25 He, sigma0 0.01 He": {"prior_fraction": 0.25, "init_fraction": 0.01},
 }
 RANKED = {
     "classification": (("nll", -1), ("ece", -1), ("auroc_best", 1), ("auroc_mi", 1)),
@@ -529,27 +548,66 @@ def regression_settings(v: Variational) -> Any:
     return reg.Variational(v.kl_weight, v.rho_lr_scale, v.init_fraction, v.estimator, v.samples // 2)
 
 
-def tune_round3(args: argparse.Namespace) -> None:
-    """Round 3: mixture posteriors of K components (the same S = 8 samples per step) against the round-2
-    default, the deterministic net and the ensemble, on the validation split; means over seeds."""
+def tune_mixtures(args: argparse.Namespace, options: dict[str, dict[str, Any]], label: str) -> dict[str, dict]:
+    """Mixture options (the same S = 8 samples per step) against the deterministic net and the ensemble,
+    on the validation split; prints and returns the means over seeds per protocol."""
     seeds = list(range(args.seeds))
+    tables: dict[str, dict] = {}
     for p in digits_protocols(args.protocols):
         found: dict[str, list[dict[str, float]]] = {}
         for seed in seeds:
             members = [fit_map(p, seed * 100 + i, EPOCHS) for i in range(ENSEMBLE)]
             for name, predict in (("MAP (deterministic)", members[:1]), ("ensemble of 5", members)):
                 found.setdefault(name, []).append(evaluate(members_predictor(predict), p.val.x, p.val.y, p.ood_val)[0])
-            for option, settings in ROUND3_OPTIONS.items():
+            for option, settings in options.items():
                 model = fit_bnn(p, dataclasses.replace(Variational(), **settings), seed, EPOCHS)
                 metrics = evaluate(bnn_predictor(model, seed), p.val.x, p.val.y, p.ood_val)[0]
                 found.setdefault(option, []).append(metrics | sigma_quantiles(model))
-            print(f"benchmarks.uq --tune --round 3: {p.name} seed {seed} done", flush=True)
+            print(f"benchmarks.uq --tune {label}: {p.name} seed {seed} done", flush=True)
         keys = ("accuracy", "nll", "ece", "auroc_maxprob", "auroc_entropy", "auroc_mi", "mi_in", "mi_out", "sigma_q50")
         print(f"validation split of {p.name}, {len(seeds)} seed(s), {EPOCHS} epochs, means over seeds")
         print(f"{'option':<36} " + " ".join(f"{k:>13}" for k in keys))
-        for option, rs in found.items():
-            values = {k: float(np.mean([r[k] for r in rs])) for k in rs[0]}
+        means = {o: {k: float(np.mean([r[k] for r in rs])) for k in rs[0]} for o, rs in found.items()}
+        for option, values in means.items():
             print(f"{option:<36} " + " ".join(f"{values[k]:>13.4g}" if k in values else f"{'-':>13}" for k in keys))
+        tables[p.name] = means
+    return tables
+
+
+def tune_round3(args: argparse.Namespace) -> None:
+    """Round 3: mixture posteriors of K components against the round-2 default (docs/uq.md)."""
+    tune_mixtures(args, ROUND3_OPTIONS, "--round 3")
+
+
+def tune_round4(args: argparse.Namespace) -> None:
+    """Round 4: the fan-in fractions of the 8-component mixture (prior and initial sigma); saves
+    <out>/tune4_<protocol>.json and, once heldout and rotated both exist, ranks the options: the most
+    of the issue's targets met on the validation split, then the lowest mean rank (NLL, ECE, best
+    AUROC, MI-AUROC) within each protocol, averaged over the two."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, means in tune_mixtures(args, ROUND4_OPTIONS, "--round 4").items():
+        (out / f"tune4_{name}.json").write_text(json.dumps(means, indent=1))
+    files = {n: out / f"tune4_{n}.json" for n in PROTOCOLS}
+    if not all(f.exists() for f in files.values()):
+        return
+    tables = {n: json.loads(f.read_text()) for n, f in files.items()}
+    met = {o: 0 for o in ROUND4_OPTIONS}
+    ranks: dict[str, list[float]] = {o: [] for o in ROUND4_OPTIONS}
+    for means in tables.values():
+        for o in ROUND4_OPTIONS:
+            met[o] += sum(c[3] for c in checks(means[o], means["MAP (deterministic)"], means["ensemble of 5"]))
+            means[o]["auroc_best"] = max(means[o][f"auroc_{k}"] for k in SCORES)
+        per_metric = []
+        for key, sign in RANKED["classification"]:
+            order = sorted(ROUND4_OPTIONS, key=lambda o: -sign * means[o][key])
+            per_metric.append({o: order.index(o) + 1 for o in ROUND4_OPTIONS})
+        for o in ROUND4_OPTIONS:
+            ranks[o].append(float(np.mean([r[o] for r in per_metric])))
+    print("round 4: targets met on validation (of 10), then mean rank (NLL, ECE, best AUROC, MI-AUROC)")
+    print(f"{'option':<36} {'met':>4} {'heldout':>9} {'rotated':>9} {'mean':>7}")
+    for o in sorted(ROUND4_OPTIONS, key=lambda o: (-met[o], np.mean(ranks[o]))):
+        print(f"{o:<36} {met[o]:>4} {ranks[o][0]:>9.2f} {ranks[o][1]:>9.2f} {np.mean(ranks[o]):>7.2f}")
 
 
 def tune_round2(args: argparse.Namespace) -> None:
@@ -627,7 +685,7 @@ def main() -> None:
     mode.add_argument("--quick", action="store_true", help="one seed, 30 epochs (< 5 minutes on 2 cores)")
     mode.add_argument("--smoke", action="store_true", help="one seed, one epoch, ensemble of 2 (for the test)")
     mode.add_argument("--tune", action="store_true", help="compare training options on the validation split")
-    parser.add_argument("--round", type=int, default=1, choices=(1, 2, 3), help="which --tune study")
+    parser.add_argument("--round", type=int, default=1, choices=(1, 2, 3, 4), help="which --tune study")
     parser.add_argument("--seeds", type=int, default=3, help="seeds of the full run (means over them)")
     parser.add_argument(
         "--protocols",
@@ -641,7 +699,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.tune:
-        {1: tune, 2: tune_round2, 3: tune_round3}[args.round](args)
+        {1: tune, 2: tune_round2, 3: tune_round3, 4: tune_round4}[args.round](args)
     else:
         benchmark(args)
 

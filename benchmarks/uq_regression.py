@@ -37,7 +37,8 @@ import torch
 from torch import Tensor, nn
 
 import hpcbnn
-from hpcbnn.bnn.layers import INIT_FRACTION, BayesianModule, Estimator, he_std, inverse_softplus
+from benchmarks.fractions import apply_fractions
+from hpcbnn.bnn.layers import INIT_FRACTION, PRIOR_FRACTION, Estimator
 from hpcbnn.bnn.models import mlp
 from hpcbnn.bnn.objectives import DEFAULT_KL_WEIGHT, gaussian_params
 from hpcbnn.data.convert import DIABETES_COUNTS, diabetes_arrays, split_indices
@@ -78,6 +79,7 @@ class Variational:
     kl_weight: float = DEFAULT_KL_WEIGHT
     rho_lr_scale: float = RHO_LR_SCALE
     init_fraction: float = INIT_FRACTION  # initial sigma / He std
+    prior_fraction: float = PRIOR_FRACTION  # prior std / He std
     estimator: Estimator = "reparam"
     samples: int = TRAIN_SAMPLES
 
@@ -112,11 +114,7 @@ def build(in_features: int, bayesian: bool, seed: int, v: Variational) -> nn.Mod
     if not bayesian:
         return model
     model = hpcbnn.bayesianize(model, estimator=v.estimator)
-    for m in model.modules():  # the initial sigma, as init_std="fan_in" sets it with INIT_FRACTION
-        if isinstance(m, BayesianModule):
-            for rho in (m.weight_rho, m.bias_rho):
-                if rho is not None:
-                    nn.init.constant_(rho, inverse_softplus(v.init_fraction * he_std(m.weight_mu.shape)))
+    apply_fractions(model, v.init_fraction, v.prior_fraction)
     return model
 
 
