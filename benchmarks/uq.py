@@ -581,13 +581,18 @@ def tune_round3(args: argparse.Namespace) -> None:
 
 def tune_round4(args: argparse.Namespace) -> None:
     """Round 4: the fan-in fractions of the 8-component mixture (prior and initial sigma); saves
-    <out>/tune4_<protocol>.json and, once heldout and rotated both exist, ranks the options: the most
-    of the issue's targets met on the validation split, then the lowest mean rank (NLL, ECE, best
-    AUROC, MI-AUROC) within each protocol, averaged over the two."""
+    <out>/tune4_<protocol>.json and ranks the options once heldout and rotated both exist."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for name, means in tune_mixtures(args, ROUND4_OPTIONS, "--round 4").items():
         (out / f"tune4_{name}.json").write_text(json.dumps(means, indent=1))
+    rank_round4(out)
+
+
+def rank_round4(out: Path) -> None:
+    """The rule of round 4: the most of the issue's targets met on the validation split, then the lowest
+    mean rank (NLL, ECE, best AUROC, MI-AUROC) within each protocol averaged over the two (round 2's
+    rule), then the lower mean validation NLL (added when the first two options tied on the rest)."""
     files = {n: out / f"tune4_{n}.json" for n in PROTOCOLS}
     if not all(f.exists() for f in files.values()):
         return
@@ -604,10 +609,12 @@ def tune_round4(args: argparse.Namespace) -> None:
             per_metric.append({o: order.index(o) + 1 for o in ROUND4_OPTIONS})
         for o in ROUND4_OPTIONS:
             ranks[o].append(float(np.mean([r[o] for r in per_metric])))
-    print("round 4: targets met on validation (of 10), then mean rank (NLL, ECE, best AUROC, MI-AUROC)")
-    print(f"{'option':<36} {'met':>4} {'heldout':>9} {'rotated':>9} {'mean':>7}")
-    for o in sorted(ROUND4_OPTIONS, key=lambda o: (-met[o], np.mean(ranks[o]))):
-        print(f"{o:<36} {met[o]:>4} {ranks[o][0]:>9.2f} {ranks[o][1]:>9.2f} {np.mean(ranks[o]):>7.2f}")
+    nll = {o: float(np.mean([t[o]["nll"] for t in tables.values()])) for o in ROUND4_OPTIONS}
+    print("round 4: targets met on validation (of 10), then mean rank (NLL, ECE, best AUROC, MI-AUROC), then NLL")
+    print(f"{'option':<36} {'met':>4} {'heldout':>9} {'rotated':>9} {'mean':>7} {'mean nll':>9}")
+    for o in sorted(ROUND4_OPTIONS, key=lambda o: (-met[o], np.mean(ranks[o]), nll[o])):
+        r = ranks[o]
+        print(f"{o:<36} {met[o]:>4} {r[0]:>9.2f} {r[1]:>9.2f} {np.mean(r):>7.2f} {nll[o]:>9.5f}")
 
 
 def tune_round2(args: argparse.Namespace) -> None:
