@@ -58,9 +58,10 @@ class Config:
     """Gradient estimator of the Bayesian layers."""
     components: Optional[int] = None
     """Components of the mixture posterior (hpcbnn.bnn.mixture), sample s using component s mod this;
-    default: one per sample (= samples), the best on the validation split (docs/uq.md, round 3). The
-    parameters are this many times a single network's; 1 is a single mean-field Gaussian. samples and
-    eval_samples must be multiples of it."""
+    default: one per sample (= samples), the best on the validation split (docs/uq.md, rounds 3-4). The
+    parameters are this many times a single network's; 1 is a single mean-field Gaussian, whose sigmas
+    hardly grow at lr 1e-3 (use --lr 3e-3 with it; docs/uq.md, round 4). samples and eval_samples must be
+    multiples of it."""
     mode: Mode = "sample"
     """Parallelism: sample splits the MC samples over ranks, data the batch, hybrid both (K x D)."""
     sample_group: Optional[int] = None
