@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from hpcbnn.bnn.layers import PRIOR_FRACTION
 from hpcbnn.data.convert import convert_diabetes
 from hpcbnn.errors import UsageError
 from hpcbnn.mcmc.__main__ import check, parse
@@ -41,7 +42,7 @@ def test_the_target_is_the_networks_prior_plus_likelihood(diabetes) -> None:
 
     def by_hand(t: torch.Tensor) -> torch.Tensor:
         w1, b1, w2, b2 = t.split([30, 3, 6, 2])
-        s1, s2 = math.sqrt(2 / 10), math.sqrt(2 / 3)  # the layers' fan-in priors
+        s1, s2 = PRIOR_FRACTION * math.sqrt(2 / 10), PRIOR_FRACTION * math.sqrt(2 / 3)  # the layers' fan-in priors
         prior = sum(
             (-0.5 * (v / s) ** 2 - math.log(s) - 0.5 * math.log(2 * math.pi)).sum()
             for v, s in ((w1, s1), (b1, s1), (w2, s2), (b2, s2))
