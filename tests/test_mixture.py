@@ -85,3 +85,29 @@ def test_unequal_weighting_is_refused():
         check_samples(6, 4)
     with pytest.raises(UsageError, match="at least 1 component"):
         bayesianize(mlp(6, [8], 3), components=0)
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+def test_weight_decay_pulls_a_component_as_it_pulls_a_single_network(name):
+    """The mean of K ELBOs gives each component 1/K of its gradient: Adam's L2 is divided by K to match."""
+    from hpcbnn.bnn.objectives import categorical_loglik, elbo_loss
+    from hpcbnn.optim import make_optimizer
+
+    def train(k: int) -> torch.nn.Module:
+        torch.manual_seed(0)
+        model = bayesianize(mlp(6, [8], 3), init_std=1e-9, components=k)  # sigma ~ 0: the same loss surface
+        opt = make_optimizer(model, name, 1e-2, weight_decay=0.5)
+        g = torch.Generator().manual_seed(1)
+        for step in range(5):
+            x, y = torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)
+            with sampling(0, step, range(k)):
+                loglik = categorical_loglik(model(x.repeat(k, 1)).view(k, 16, 3), y)
+            opt.zero_grad()
+            elbo_loss(loglik, kl_divergence(model), 100, kl_weight=0.0).backward()
+            opt.step()
+        return model if k == 1 else model.components[0]
+
+    single, component = train(1), train(4)
+    means = [(n, p) for n, p in single.named_parameters() if n.endswith("_mu")]  # rho's step follows its noise
+    for (name_, a), b in zip(means, (p for n, p in component.named_parameters() if n.endswith("_mu"))):
+        assert torch.allclose(a, b, atol=1e-6), f"{name_}: component 0 of the mixture moved unlike the single network"

@@ -8,6 +8,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from hpcbnn.bnn.mixture import num_components
+
 OptimizerName = Literal["adam", "adamw", "sgd"]
 ScheduleName = Literal["cosine", "constant"]
 
@@ -30,7 +32,16 @@ def make_optimizer(
     The posterior's sigma parameters (`*_rho`) are a group of their own: their step is
     `rho_lr_scale` x lr, and weight decay never applies to them (it would pull every sigma
     towards softplus(0) = 0.69, a prior of its own besides the KL's).
+
+    On a K-component mixture the objective is the mean of the components' ELBOs, so each
+    component's data gradient is 1/K of a single network's. The L2 that Adam and SGD add to
+    the gradient is divided by K too, so `weight_decay` pulls a component as hard, relative
+    to its data, as it pulls a single network (AdamW's decoupled decay never sees the
+    gradient). Adam's step does not depend on the gradient's scale; SGD's step on a
+    component is 1/K of a single network's.
     """
+    if name != "adamw":
+        weight_decay = weight_decay / num_components(model)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     rho = [p for n, p in trainable if n.endswith("_rho")]
     groups: list[dict[str, Any]] = [{"params": [p for n, p in trainable if not n.endswith("_rho")]}]

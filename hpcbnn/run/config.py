@@ -94,7 +94,8 @@ class Config:
     lr: float = 1e-3
     """Peak learning rate (1e-3: the best validation NLL of the 8-component mixture, docs/uq.md round 3)."""
     weight_decay: float = 0.0
-    """Decoupled weight decay (adamw) or L2 (adam, sgd)."""
+    """Decoupled weight decay (adamw) or L2 (adam, sgd); on a mixture of K components the L2 is divided by K,
+    so that it pulls each component as it would pull one network."""
     momentum: float = 0.9
     """SGD momentum."""
     warmup_epochs: float = 1.0
