@@ -80,9 +80,8 @@ class BayesianModule(KLTerm):
     """Posterior N(weight_mu, softplus(weight_rho)^2) per weight (and bias), prior N(0, prior_scale^2).
 
     `prior_scale` and `init_std` are numbers or "fan_in" (PRIOR_FRACTION, resp. INIT_FRACTION of
-    the He std);
-    the layer keeps the resolved numbers, which the bias shares. `variable_name`, the
-    qualified name (set by `assign_noise_keys`), names its weights' random variables.
+    the He std); the layer keeps the resolved numbers, which the bias shares. `variable_name`,
+    the qualified name (set by `assign_noise_keys`), names its weights' random variables.
     """
 
     variable_name: str | None = None
