@@ -542,6 +542,15 @@ RANKED = {
 }
 
 
+def mean_ranks(means: dict[str, dict[str, float]], options: list[str], kind: str) -> dict[str, float]:
+    """Each option's rank (1 is best) on every metric of RANKED[kind], averaged over those metrics."""
+    per_metric = []
+    for key, sign in RANKED[kind]:
+        order = sorted(options, key=lambda o: -sign * means[o][key])
+        per_metric.append({o: order.index(o) + 1 for o in options})
+    return {o: float(np.mean([r[o] for r in per_metric])) for o in options}
+
+
 def regression_settings(v: Variational) -> Any:
     """The classification option `v` as benchmarks.uq_regression's settings (it trains with half the samples)."""
     reg = importlib.import_module("benchmarks.uq_regression")
@@ -603,12 +612,8 @@ def rank_round4(out: Path) -> None:
         for o in ROUND4_OPTIONS:
             met[o] += sum(c[3] for c in checks(means[o], means["MAP (deterministic)"], means["ensemble of 5"]))
             means[o]["auroc_best"] = max(means[o][f"auroc_{k}"] for k in SCORES)
-        per_metric = []
-        for key, sign in RANKED["classification"]:
-            order = sorted(ROUND4_OPTIONS, key=lambda o: -sign * means[o][key])
-            per_metric.append({o: order.index(o) + 1 for o in ROUND4_OPTIONS})
-        for o in ROUND4_OPTIONS:
-            ranks[o].append(float(np.mean([r[o] for r in per_metric])))
+        for o, r in mean_ranks(means, list(ROUND4_OPTIONS), "classification").items():
+            ranks[o].append(r)
     nll = {o: float(np.mean([t[o]["nll"] for t in tables.values()])) for o in ROUND4_OPTIONS}
     print("round 4: targets met on validation (of 10), then mean rank (NLL, ECE, best AUROC, MI-AUROC), then NLL")
     print(f"{'option':<36} {'met':>4} {'heldout':>9} {'rotated':>9} {'mean':>7} {'mean nll':>9}")
@@ -673,12 +678,8 @@ def rank_round2(out: Path) -> None:
     ranks: dict[str, dict[str, float]] = {o: {} for o in ROUND2_OPTIONS}
     for name, means in tables.items():
         kind = "regression" if name == "regression" else "classification"
-        per_metric = []
-        for key, sign in RANKED[kind]:
-            order = sorted(ROUND2_OPTIONS, key=lambda o: -sign * means[o][key])
-            per_metric.append({o: order.index(o) + 1 for o in ROUND2_OPTIONS})
-        for o in ROUND2_OPTIONS:
-            ranks[o][name] = float(np.mean([r[o] for r in per_metric]))
+        for o, r in mean_ranks(means, list(ROUND2_OPTIONS), kind).items():
+            ranks[o][name] = r
     print("round 2: mean rank within each protocol (NLL, ECE, best AUROC, MI-AUROC; regression: NLL), then over them")
     print(f"{'option':<46} {'heldout':>9} {'rotated':>9} {'regression':>11} {'mean':>7}")
     for o in sorted(ROUND2_OPTIONS, key=lambda o: np.mean(list(ranks[o].values()))):
