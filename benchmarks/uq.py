@@ -554,7 +554,14 @@ def mean_ranks(means: dict[str, dict[str, float]], options: list[str], kind: str
 def regression_settings(v: Variational) -> Any:
     """The classification option `v` as benchmarks.uq_regression's settings (it trains with half the samples)."""
     reg = importlib.import_module("benchmarks.uq_regression")
-    return reg.Variational(v.kl_weight, v.rho_lr_scale, v.init_fraction, v.estimator, v.samples // 2)
+    return reg.Variational(
+        kl_weight=v.kl_weight,
+        rho_lr_scale=v.rho_lr_scale,
+        init_fraction=v.init_fraction,
+        prior_fraction=v.prior_fraction,
+        estimator=v.estimator,
+        samples=v.samples // 2,
+    )
 
 
 def tune_mixtures(args: argparse.Namespace, options: dict[str, dict[str, Any]], label: str) -> dict[str, dict]:
