@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import threading
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 from hpcbnn.data import Loader, augmentation, epoch_order
-from hpcbnn.data.augment import crop
+from hpcbnn.data.augment import crop, shift_rotate
 from hpcbnn.data.convert import convert_digits
 from hpcbnn.errors import UsageError
 from hpcbnn.parallel.grid import ProcessGrid
@@ -200,7 +201,7 @@ def generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-@pytest.mark.parametrize("name", ["flip", "crop", "cifar"])
+@pytest.mark.parametrize("name", ["flip", "crop", "cifar", "shift-rotate"])
 def test_augmenting_a_shard_equals_augmenting_the_global_batch(name: str) -> None:
     aug = augmentation(name)
     x = torch.randn(12, 3, 8, 8)
@@ -227,6 +228,15 @@ def test_crop_cuts_each_image_at_its_own_offset() -> None:
         padded = torch.zeros(3, 14, 15)
         padded[:, 4:10, 4:11] = img
         assert torch.equal(o, padded[:, top:top + 6, left:left + 7])
+
+
+def test_shift_rotate_moves_pixels_and_turns_images() -> None:
+    x = torch.randn(3, 2, 8, 8)
+    assert torch.allclose(shift_rotate(x, torch.zeros(3), torch.zeros(3, 2)), x, atol=1e-6)
+    turned = shift_rotate(x, torch.full((3,), math.pi / 2), torch.zeros(3, 2))
+    assert torch.allclose(turned, x.rot90(1, (2, 3)), atol=1e-5)  # a quarter turn counter-clockwise
+    moved = shift_rotate(x, torch.zeros(3), torch.tensor([[0.125, 0.0]] * 3))  # one pixel right
+    assert torch.allclose(moved[..., 1:], x[..., :-1], atol=1e-6) and moved[..., 0].abs().max() == 0
 
 
 def test_augmentations_reject_what_they_cannot_do() -> None:

@@ -8,13 +8,14 @@ the engine decides what seeds the generator (per sample, per rank, or shared).
 
 torchvision's v2 transforms do not fit this contract: they draw one parameter set per
 call from the global RNG, not one per example from a given generator. Its functional
-kernels for these two operations are `flip(-1)` and `pad`, so they are written in torch
-directly, which also spares every rank torchvision's import (seconds on a busy node).
-Padding is zero in normalised units, i.e. the channel mean.
+kernels for these operations are `flip(-1)`, `pad` and an affine grid sample, so they are
+written in torch directly, which also spares every rank torchvision's import (seconds on a
+busy node). Padding is zero in normalised units, i.e. the channel mean.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Literal, get_args
 
@@ -25,9 +26,11 @@ from hpcbnn.errors import UsageError
 
 Augmentation = Callable[[torch.Tensor, torch.Generator, slice, int], torch.Tensor]
 """aug(x, generator, rows, global_batch) -> augmented x: the one type of an augmentation."""
-AugmentName = Literal["none", "flip", "crop", "cifar"]
+AugmentName = Literal["none", "flip", "crop", "cifar", "shift-rotate"]
 AUGMENT_NAMES: tuple[AugmentName, ...] = get_args(AugmentName)
 PADDING = 4
+MAX_DEGREES = 10.0  # shift-rotate: rotation uniform in +-10 degrees
+MAX_SHIFT = 0.0625  # shift-rotate: translation uniform in +-1/16 of the side (half a pixel of the 8x8 digits)
 
 
 def _draw_flips(generator: torch.Generator, global_batch: int, rows: slice) -> torch.Tensor:
@@ -56,6 +59,27 @@ def crop(x: torch.Tensor, offsets: torch.Tensor, padding: int) -> torch.Tensor:
         top,
         left,
     ]
+
+
+def shift_rotate(x: torch.Tensor, angles: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+    """Rotate each image [N, C, H, W] about its centre by `angles` [N] (radians) and move it by
+    `shifts` [N, 2] (x, y, as fractions of the width and height), bilinearly; outside is zero.
+
+    >>> x = torch.zeros(1, 1, 8, 8); x[0, 0, 2, 3] = 1
+    >>> shift_rotate(x, torch.zeros(1), torch.tensor([[0.125, 0.0]]))[0, 0, 2, 4].item()  # one pixel right
+    1.0
+    """
+    n, _, h, w = x.shape
+    cos, sin = angles.cos(), angles.sin()
+    theta = torch.stack(  # maps output to input coordinates in [-1, 1]; the aspect ratio kept
+        [
+            torch.stack([cos, -sin * h / w, -2 * shifts[:, 0]], -1),
+            torch.stack([sin * w / h, cos, -2 * shifts[:, 1]], -1),
+        ],
+        1,
+    ).to(x)
+    grid = F.affine_grid(theta, [n, x.shape[1], h, w], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 def _check(name: str, x: torch.Tensor, rows: slice, global_batch: int) -> None:
@@ -89,11 +113,25 @@ def _cifar(x: torch.Tensor, generator: torch.Generator, rows: slice, global_batc
     return flip(crop(x, offsets, PADDING), _draw_flips(generator, global_batch, rows))
 
 
-AUGMENTATIONS: dict[str, Augmentation] = {"none": _none, "flip": _flip, "crop": _crop, "cifar": _cifar}
+def _shift_rotate(x: torch.Tensor, generator: torch.Generator, rows: slice, global_batch: int) -> torch.Tensor:
+    """Small random rotations and shifts (digits, MNIST-style data: no mirror images)."""
+    _check("shift-rotate", x, rows, global_batch)
+    draws = torch.rand(global_batch, 3, generator=generator, device=generator.device)[rows] * 2 - 1
+    return shift_rotate(x, draws[:, 0] * math.radians(MAX_DEGREES), draws[:, 1:] * MAX_SHIFT)
+
+
+AUGMENTATIONS: dict[str, Augmentation] = {
+    "none": _none,
+    "flip": _flip,
+    "crop": _crop,
+    "cifar": _cifar,
+    "shift-rotate": _shift_rotate,
+}
 
 
 def augmentation(name: str) -> Augmentation:
-    """The augmentation called `name`: none, flip, crop (4-pixel padding) or cifar (crop + flip)."""
+    """The augmentation called `name`: none, flip, crop (4-pixel padding), cifar (crop + flip) or
+    shift-rotate (rotation within 10 degrees, shift within 1/16 of the side)."""
     if name not in AUGMENTATIONS:
         raise UsageError(f"unknown augmentation {name!r}: choose one of {', '.join(AUGMENTATIONS)}")
     return AUGMENTATIONS[name]
