@@ -23,15 +23,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from benchmarks.launch import command
 from hpcbnn.bnn.noise import sampling
 from hpcbnn.data import Loader
 from hpcbnn.data.convert import convert_digits, convert_digits_rotated
@@ -50,20 +48,6 @@ QUICK = {"epochs": 10, "chains": 2, "warmup": 60, "draws": 50, "num_steps": 10, 
 SMOKE = {"epochs": 1, "chains": 2, "warmup": 4, "draws": 4, "num_steps": 2, "samples": 8}
 """`samples`: predictive samples of either posterior (HMC: its draws, evenly thinned)."""
 KEYS = ("accuracy", "nll", "ece", "auroc_entropy", "auroc_mi", "agreement", "tv")
-
-
-def command(args: list[str], ranks: int, log: Path) -> None:
-    """Run a product command (under mpirun for ranks > 1), its output in `log`; fail loudly."""
-    prefix = []
-    if ranks > 1:
-        prefix = ["mpirun", "--oversubscribe", "--bind-to", "none", "-np", str(ranks)]
-        if os.geteuid() == 0:
-            prefix.insert(1, "--allow-run-as-root")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    with open(log, "w") as out:
-        done = subprocess.run([*prefix, sys.executable, *args], stdout=out, stderr=subprocess.STDOUT, env=env)
-    if done.returncode:
-        raise SystemExit(f"{' '.join(args[:2])} failed (exit {done.returncode}); see {log}")
 
 
 def evaluation(run: Path, ood: Path, samples: int) -> dict:
