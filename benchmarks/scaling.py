@@ -1,4 +1,4 @@
-"""Weak and strong scaling of sample, data and hybrid parallelism (prints a table, writes CSV + PNG).
+"""Weak and strong scaling of sample, data and hybrid parallelism, against the machine's ceiling.
 
     python -m benchmarks.scaling                       # P = 1 .. cores of this machine, mpirun
     python -m benchmarks.scaling --ranks 1 2 4 8 16 --launcher "srun --mpi=pmix"  # in an allocation
@@ -9,6 +9,19 @@ scaling keeps the work per rank fixed (sample: S grows with P; data: B grows wit
 hybrid: S with K and B with D); strong scaling keeps S and B fixed. Efficiency is
 t(1)/t(P) (weak) and t(1)/(P t(P)) (strong); the communication share is the time in the
 gradient reduction over the step time. The hybrid is measured with both reductions.
+
+The machine ceiling: for each P, one more launch (`worker --ceiling`) of P ranks, placed
+by the same launcher, each training the weak-scaling per-rank work (S = --samples-per-rank,
+B = --batch-per-rank) alone on a 1-rank grid over MPI.COMM_SELF, with no communication and
+no Horovod or torch.distributed; its time is the slowest rank's median step time, and
+ceiling(P) = t_ceiling(1) / t_ceiling(P): the efficiency left once P ranks share the node's
+cores, caches and memory bandwidth. Every row also gets efficiency_vs_ceiling =
+efficiency / ceiling(P).
+
+Prints a table, then, as the last line, one JSON object
+`{"ceiling": {"1": 1.0, "2": ...}, "ceiling_step_time": {"1": s, ...}, "rows": [...]}`
+("ceiling" keyed by str(P)); writes OUT/scaling.csv (with a `ceiling` column) and
+OUT/scaling.png. Other modules call `run(ranks=..., out=...)`, which returns that object.
 """
 
 from __future__ import annotations
@@ -25,21 +38,36 @@ import time
 from pathlib import Path
 
 WIDTHS = (784, 1024, 1024, 10)
+MODES = ("sample", "data", "hybrid")
+DEFAULT_LAUNCHER = f"mpirun {'--allow-run-as-root ' if os.geteuid() == 0 else ''}--bind-to core --map-by core"
 
 
 def worker(args: argparse.Namespace) -> None:
-    """Time training steps on this grid; rank 0 prints one JSON line."""
+    """Time training steps on this grid (or, with --ceiling, alone on each rank); rank 0 prints one JSON line."""
     import torch
+    from mpi4py import MPI
     from torch import nn
 
     from hpcbnn.bnn.bayesianize import bayesianize
-    from hpcbnn.parallel.collectives import make_collectives
+    from hpcbnn.parallel.collectives import Collectives, make_collectives
     from hpcbnn.parallel.engine import Engine
     from hpcbnn.parallel.grid import ProcessGrid
 
+    class Alone(Collectives):
+        """Every axis of a 1-rank grid is trivial: these are never called."""
+
+        def _allreduce_(self, *_):  # type: ignore[no-untyped-def]
+            raise AssertionError("the ceiling worker never communicates")
+
+        _broadcast_ = _gather = _allreduce_
+
     torch.set_num_threads(1)
-    grid = ProcessGrid(args.mode, args.sample_group or None)
-    comm = make_collectives(grid, args.backend)
+    if args.ceiling:
+        grid = ProcessGrid("sample", comm=MPI.COMM_SELF)
+        comm: Collectives = Alone(grid)
+    else:
+        grid = ProcessGrid(args.mode, args.sample_group or None)
+        comm = make_collectives(grid, args.backend)
     torch.manual_seed(0)
     layers: list[nn.Module] = []
     for a, b in itertools.pairwise(WIDTHS):
@@ -53,22 +81,21 @@ def worker(args: argparse.Namespace) -> None:
     y = torch.randint(0, WIDTHS[-1], (args.batch,))[rows]
     times, comms = [], []
     for step in range(args.warmup + args.steps):
-        grid.world.Barrier()
+        if not args.ceiling:
+            grid.world.Barrier()
         start = time.perf_counter()
         result = engine.step(x, y, rows, step)
-        elapsed = grid.world.allreduce(time.perf_counter() - start, op=_max())
+        elapsed = time.perf_counter() - start
+        if not args.ceiling:
+            elapsed = grid.world.allreduce(elapsed, op=MPI.MAX)
         if step >= args.warmup:
             times.append(elapsed)
             comms.append(result.comm_s)
-    if grid.is_root:
-        times.sort()
-        print(json.dumps({"step_time": times[len(times) // 2], "comm_time": sorted(comms)[len(comms) // 2]}))
-
-
-def _max():  # type: ignore[no-untyped-def]
-    from mpi4py import MPI
-
-    return MPI.MAX
+    step_time, comm_time = sorted(times)[len(times) // 2], sorted(comms)[len(comms) // 2]
+    if args.ceiling:  # each rank's median, the slowest rank's counts
+        step_time = MPI.COMM_WORLD.allreduce(step_time, op=MPI.MAX)
+    if MPI.COMM_WORLD.Get_rank() == 0:
+        print(json.dumps({"step_time": step_time, "comm_time": comm_time}))
 
 
 def configurations(ranks: list[int], modes: list[str], s0: int, b0: int) -> list[dict]:
@@ -96,18 +123,67 @@ def _hybrid_k(p: int) -> int:
     return k
 
 
-def launch(cfg: dict, args: argparse.Namespace) -> dict:
-    command = [*shlex.split(args.launcher), "-np", str(cfg["ranks"])] if args.launcher.startswith("mpirun") \
-        else [*shlex.split(args.launcher), "-n", str(cfg["ranks"])]
+def launch(cfg: dict, *, steps: int, warmup: int, backend: str, launcher: str, timeout: float,
+           ceiling: bool = False) -> dict:
+    """One worker launch of `cfg` (ranks, mode, k, samples, batch, reduction): its step and comm time."""
+    command = [*shlex.split(launcher), "-np" if launcher.startswith("mpirun") else "-n", str(cfg["ranks"])]
     command += [sys.executable, "-m", "benchmarks.scaling", "worker", "--mode", cfg["mode"],
                 "--sample-group", str(cfg["k"]), "--samples", str(cfg["samples"]), "--batch", str(cfg["batch"]),
-                "--steps", str(args.steps), "--warmup", str(args.warmup), "--backend", args.backend,
-                "--reduction", cfg["reduction"]]
+                "--steps", str(steps), "--warmup", str(warmup), "--backend", backend,
+                "--reduction", cfg["reduction"], *(["--ceiling"] if ceiling else [])]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=args.timeout)
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
     if done.returncode:
         raise SystemExit(f"benchmark launch failed ({' '.join(command)}):\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run(ranks: list[int], modes: list[str] | tuple[str, ...] = MODES, samples_per_rank: int = 4,
+        batch_per_rank: int = 128, steps: int = 10, warmup: int = 2, backend: str = "horovod",
+        launcher: str = DEFAULT_LAUNCHER, timeout: float = 600, out: Path | str = Path("runs/scaling")) -> dict:
+    """Every configuration and the ceiling per P; writes OUT/scaling.csv and OUT/scaling.png.
+
+    Returns {"ceiling": {str(P): ceiling}, "ceiling_step_time": {str(P): seconds}, "rows": [...]}.
+    """
+    if 1 not in ranks:
+        raise SystemExit("--ranks must include 1: efficiencies and the ceiling are relative to one rank")
+    how = dict(steps=steps, warmup=warmup, backend=backend, launcher=launcher, timeout=timeout)
+    rows = [{**cfg, **launch(cfg, **how)}
+            for cfg in configurations(ranks, list(modes), samples_per_rank, batch_per_rank)]
+    alone = {p: launch(dict(ranks=p, mode="sample", k=1, samples=samples_per_rank, batch=batch_per_rank,
+                            reduction="world"), ceiling=True, **how)["step_time"] for p in ranks}
+    ceiling = {str(p): alone[1] / alone[p] for p in ranks}
+    for row in rows:
+        base = next(r for r in rows if (r["scaling"], r["mode"], r["ranks"]) == (row["scaling"], row["mode"], 1))
+        ideal = 1 if row["scaling"] == "weak" else row["ranks"]
+        row["efficiency"] = base["step_time"] / (ideal * row["step_time"])
+        row["comm_share"] = row["comm_time"] / row["step_time"]
+        row["ceiling"] = ceiling[str(row["ranks"])]
+        row["efficiency_vs_ceiling"] = row["efficiency"] / row["ceiling"]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "scaling.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    from hpcbnn.run.plots import scaling_plot
+
+    scaling_plot([{**r, "mode": r["mode"] + ("/hier" if r["reduction"] == "hierarchical" else "")}
+                  for r in rows], out / "scaling.png")
+    return {"ceiling": ceiling, "ceiling_step_time": {str(p): t for p, t in alone.items()}, "rows": rows}
+
+
+def table(result: dict) -> str:
+    """The ceiling per P, then one line per configuration."""
+    lines = ["machine ceiling (P ranks alone, no communication): " + "  ".join(
+        f"P={p} {c:.2f} ({result['ceiling_step_time'][p]:.4f} s)" for p, c in result["ceiling"].items()),
+        f"{'scaling':8} {'mode':7} {'reduction':12} {'P':>3} {'K':>3} {'S':>4} {'B':>5} "
+        f"{'step s':>8} {'comm':>6} {'eff':>6} {'ceil':>6} {'eff/ceil':>8}"]
+    for r in result["rows"]:
+        lines.append(f"{r['scaling']:8} {r['mode']:7} {r['reduction']:12} {r['ranks']:3d} {r['k']:3d} "
+                     f"{r['samples']:4d} {r['batch']:5d} {r['step_time']:8.4f} {r['comm_share']:6.1%} "
+                     f"{r['efficiency']:6.2f} {r['ceiling']:6.2f} {r['efficiency_vs_ceiling']:8.2f}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -123,15 +199,15 @@ def main(argv: list[str] | None = None) -> None:
     w.add_argument("--warmup", type=int, default=2)
     w.add_argument("--backend", default="horovod")
     w.add_argument("--reduction", default="world")
+    w.add_argument("--ceiling", action="store_true", help="each rank alone on COMM_SELF, no communication")
     parser.add_argument("--ranks", type=int, nargs="+", default=[p for p in (1, 2, 4, 8) if p <= os.cpu_count()])
-    parser.add_argument("--modes", nargs="+", default=["sample", "data", "hybrid"])
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--samples-per-rank", type=int, default=4, help="weak scaling: S/K (default 4)")
     parser.add_argument("--batch-per-rank", type=int, default=128, help="weak scaling: B/D (default 128)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--backend", default="horovod", choices=("horovod", "torch"))
-    root = "--allow-run-as-root " if os.geteuid() == 0 else ""
-    parser.add_argument("--launcher", default=f"mpirun {root}--bind-to core --map-by core",
+    parser.add_argument("--launcher", default=DEFAULT_LAUNCHER,
                         help="launch command; given -np P (mpirun...) or -n P (srun...)")
     parser.add_argument("--timeout", type=float, default=600)
     parser.add_argument("--out", type=Path, default=Path("runs/scaling"))
@@ -139,29 +215,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "worker":
         worker(args)
         return
-    rows = []
-    for cfg in configurations(args.ranks, args.modes, args.samples_per_rank, args.batch_per_rank):
-        rows.append({**cfg, **launch(cfg, args)})
-    for row in rows:
-        base = next(r for r in rows if (r["scaling"], r["mode"], r["ranks"]) == (row["scaling"], row["mode"], 1))
-        ideal = 1 if row["scaling"] == "weak" else row["ranks"]
-        row["efficiency"] = base["step_time"] / (ideal * row["step_time"])
-        row["comm_share"] = row["comm_time"] / row["step_time"]
-    args.out.mkdir(parents=True, exist_ok=True)
-    with open(args.out / "scaling.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    from hpcbnn.run.plots import scaling_plot
-
-    scaling_plot([{**r, "mode": r["mode"] + ("/hier" if r["reduction"] == "hierarchical" else "")}
-                  for r in rows], args.out / "scaling.png")
-    print(f"{'scaling':8} {'mode':7} {'reduction':12} {'P':>3} {'K':>3} {'S':>4} {'B':>5} "
-          f"{'step s':>8} {'comm':>6} {'eff':>6}")
-    for r in rows:
-        print(f"{r['scaling']:8} {r['mode']:7} {r['reduction']:12} {r['ranks']:3d} {r['k']:3d} {r['samples']:4d} "
-              f"{r['batch']:5d} {r['step_time']:8.4f} {r['comm_share']:6.1%} {r['efficiency']:6.2f}")
+    options = {k: v for k, v in vars(args).items() if k != "command"}
+    result = run(**options)
+    print(table(result))
     print(f"wrote {args.out / 'scaling.csv'} and {args.out / 'scaling.png'}")
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -71,6 +71,23 @@ def test_scaling_plot_names_a_missing_key(tmp_path):
         plots.scaling_plot([row], tmp_path / "x.png")
 
 
+def test_scaling_plot_draws_the_machine_ceiling_when_the_rows_carry_it(tmp_path, monkeypatch):
+    figures = []
+    save = plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or save(fig, path))
+    ceiling = {1: 1.0, 2: 0.97, 4: 0.9, 8: 0.8}
+    rows = [{**r, "ceiling": ceiling[r["ranks"]]} for r in scaling_rows()]
+    assert png_size(plots.scaling_plot(rows, tmp_path / "ceiling.png")) == (1320, 840)
+    plots.scaling_plot(scaling_rows(), tmp_path / "none.png")
+    with_ceiling, without = ([{line.get_label(): line for line in ax.get_lines()} for ax in fig.axes[2:]]
+                             for fig in figures)
+    for lines in with_ceiling:  # both efficiency axes
+        line = lines["machine ceiling"]
+        assert list(line.get_xdata()) == [1, 2, 4, 8] and list(line.get_ydata()) == [1.0, 0.97, 0.9, 0.8]
+        assert line.get_linestyle() == ":" and line.get_color() == "k" and "ideal" in lines
+    assert all("machine ceiling" not in lines and "ideal" in lines for lines in without)
+
+
 def epoch_records(classification: bool = True) -> list[dict]:
     val = {"accuracy": 0.9, "nll": 0.3, "ece": 0.02, "mutual_information": 0.01} if classification else {
         "rmse": 1.0, "nll": 1.2, "crps": 0.5}

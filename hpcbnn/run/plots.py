@@ -189,6 +189,8 @@ def scaling_plot(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
 
     One column per scaling kind present ("weak", "strong"); each row of `rows` needs the
     keys in `SCALING_KEYS`: step_time in seconds, comm_share and efficiency as fractions.
+    Rows that carry a `ceiling` (the machine's efficiency at their ranks with no
+    communication, `benchmarks.scaling`) add it to the efficiency axes as a dotted line.
     """
     for i, row in enumerate(rows):
         missing = [k for k in SCALING_KEYS if k not in row]
@@ -224,11 +226,14 @@ def scaling_plot(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
             fontsize="small",
         )
         eff_ax.axhline(1.0, color="black", linestyle="--", label="ideal")
+        ceiling = {r["ranks"]: r["ceiling"] for r in of_kind if "ceiling" in r}
+        if ceiling:
+            eff_ax.plot(sorted(ceiling), [ceiling[n] for n in sorted(ceiling)], "k:", label="machine ceiling")
         eff_ax.set(
             xlabel="ranks",
             ylabel="parallel efficiency",
             xscale="log",
-            ylim=(0, max(1.1, max(r["efficiency"] for r in of_kind) * 1.05)),
+            ylim=(0, max(1.1, max(r["efficiency"] for r in of_kind) * 1.05, max(ceiling.values(), default=0) * 1.05)),
         )
         eff_ax.set_xticks(ranks, [str(n) for n in ranks])
         eff_ax.minorticks_off()
