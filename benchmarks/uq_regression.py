@@ -15,10 +15,15 @@ trained with Adam on batches of 32 for the same number of epochs:
   deterministic net's chosen settings, predictive = their mixture.
 
 After every epoch each run is scored on the validation split, and it keeps its parameters
-from the epoch with the best validation NLL (stopping 50 epochs after it); the learning rate (and the weight decay) of
-each method is the one whose best validation NLL is lowest. The test split is only used
-for the reported metrics (`hpcbnn.uq.metrics.regression_metrics`, in the target's original
-units), averaged over the splits with their standard error.
+from the epoch with the best validation NLL (stopping 50 epochs after it, the budget's
+patience); the learning rate (and the weight decay) of each method is the one whose best
+validation NLL is lowest. The test split is only used for the reported metrics
+(`hpcbnn.uq.metrics.regression_metrics`, in the target's original units), averaged over the
+splits with their standard error.
+
+The harness is not tied to diabetes: `Split.from_arrays` standardises any [N, F] inputs and
+[N, d] targets, and `evaluate_split(split, budget, seed, hidden=...)` runs the three methods
+on it with a d-output Gaussian head (benchmarks/electricity.py uses it for a forecast).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import copy
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -63,6 +68,7 @@ class Budget:
     epochs: int
     lrs: tuple[float, ...]
     weight_decays: tuple[float, ...]
+    patience: int = PATIENCE
 
 
 BUDGETS = {
@@ -86,31 +92,46 @@ class Variational:
 
 @dataclass(frozen=True)
 class Split:
-    """Standardised inputs and targets per split, and the target scale to undo it."""
+    """Standardised inputs [N, F] and targets [N, d] per split, and the target scale to undo it
+    (per target column, [d], so that it broadcasts against outputs [..., N, d])."""
 
     x: dict[str, Tensor]
     y: dict[str, Tensor]
-    y_mean: float
-    y_std: float
+    y_mean: Tensor
+    y_std: Tensor
+
+    @classmethod
+    def from_arrays(cls, x: Mapping[str, np.ndarray], y: Mapping[str, np.ndarray]) -> Split:
+        """Arrays x [N, F] and y [N, d] (or [N]) per split, standardised with the training split's
+        per-column mean and std (a constant column is only centred)."""
+        x = {s: v.reshape(len(v), -1) for s, v in x.items()}
+        y = {s: v.reshape(len(v), -1) for s, v in y.items()}
+        x_mean, x_std = x["train"].mean(0), _nonzero(x["train"].std(0))
+        y_mean, y_std = y["train"].mean(0), _nonzero(y["train"].std(0))
+        return cls(
+            x={s: torch.from_numpy((v - x_mean) / x_std) for s, v in x.items()},
+            y={s: torch.from_numpy((v - y_mean) / y_std) for s, v in y.items()},
+            y_mean=torch.from_numpy(np.asarray(y_mean)),
+            y_std=torch.from_numpy(np.asarray(y_std)),
+        )
+
+
+def _nonzero(std: np.ndarray) -> np.ndarray:
+    return np.where(std > 0, std, np.ones_like(std))
 
 
 def load_split(seed: int) -> Split:
     x, y = diabetes_arrays()
     rows = split_indices(len(y), DIABETES_COUNTS["val"], DIABETES_COUNTS["test"], seed)
-    train_x, train_y = x[rows["train"]], y[rows["train"]]
-    x_mean, x_std = train_x.mean(0), train_x.std(0)
-    y_mean, y_std = float(train_y.mean()), float(train_y.std())
-    return Split(
-        x={s: torch.from_numpy((x[r] - x_mean) / x_std) for s, r in rows.items()},
-        y={s: torch.from_numpy((y[r] - y_mean) / y_std) for s, r in rows.items()},
-        y_mean=y_mean,
-        y_std=y_std,
-    )
+    return Split.from_arrays({s: x[r] for s, r in rows.items()}, {s: y[r] for s, r in rows.items()})
 
 
-def build(in_features: int, bayesian: bool, seed: int, v: Variational) -> nn.Module:
+def build(
+    in_features: int, bayesian: bool, seed: int, v: Variational, hidden: Sequence[int] = HIDDEN, targets: int = 1
+) -> nn.Module:
+    """The MLP in_features-hidden-(2 * targets): a Gaussian head (mean, raw scale) per target."""
     torch.manual_seed(seed)
-    model = mlp(in_features, HIDDEN, 2)
+    model = mlp(in_features, tuple(hidden), 2 * targets)
     if not bayesian:
         return model
     model = hpcbnn.bayesianize(model, estimator=v.estimator)
@@ -119,7 +140,7 @@ def build(in_features: int, bayesian: bool, seed: int, v: Variational) -> nn.Mod
 
 
 def predict(model: nn.Module, x: Tensor, bayesian: bool, seed: int) -> Tensor:
-    """Head outputs [S, N, 2] of the predictive's components: EVAL_SAMPLES weight samples of a BNN, else 1."""
+    """Head outputs [S, N, 2d] of the predictive's components: EVAL_SAMPLES weight samples of a BNN, else 1."""
     with torch.no_grad():
         if not bayesian:
             return model(x)[None]
@@ -128,11 +149,18 @@ def predict(model: nn.Module, x: Tensor, bayesian: bool, seed: int) -> Tensor:
 
 
 def train(
-    split: Split, bayesian: bool, lr: float, weight_decay: float, seed: int, budget: Budget, v: Variational
+    split: Split,
+    bayesian: bool,
+    lr: float,
+    weight_decay: float,
+    seed: int,
+    budget: Budget,
+    v: Variational,
+    hidden: Sequence[int] = HIDDEN,
 ) -> tuple[nn.Module, int, float]:
     """One run; returns the model at its best validation epoch, that epoch and its validation NLL."""
     x, y = split.x["train"], split.y["train"]
-    model = build(x.shape[1], bayesian, seed, v)
+    model = build(x.shape[1], bayesian, seed, v, hidden, y.shape[1])
     optimizer = make_optimizer(model, "adam", lr, weight_decay=weight_decay, rho_lr_scale=v.rho_lr_scale)
     order = torch.Generator().manual_seed(seed)
     best: tuple[float, int, dict[str, Tensor]] = (math.inf, 0, {})
@@ -155,24 +183,29 @@ def train(
         nll = float(hpcbnn.predictive_loss(loglik, torch.zeros(()), len(y)))  # the mixture's NLL per example
         if nll < best[0]:
             best = (nll, epoch, copy.deepcopy(model.state_dict()))
-        elif epoch - best[1] >= PATIENCE:
+        elif epoch - best[1] >= budget.patience:
             break
     model.load_state_dict(best[2])
     return model, best[1], best[0]
 
 
 def select(
-    split: Split, bayesian: bool, seed: int, budget: Budget, v: Variational = Variational()
+    split: Split,
+    bayesian: bool,
+    seed: int,
+    budget: Budget,
+    v: Variational = Variational(),
+    hidden: Sequence[int] = HIDDEN,
 ) -> tuple[nn.Module, dict[str, float]]:
     """The run whose best validation NLL is lowest over the learning rates (and weight decays)."""
     decays = (0.0,) if bayesian else budget.weight_decays
-    runs = [(train(split, bayesian, lr, wd, seed, budget, v), lr, wd) for lr in budget.lrs for wd in decays]
+    runs = [(train(split, bayesian, lr, wd, seed, budget, v, hidden), lr, wd) for lr in budget.lrs for wd in decays]
     (model, epoch, nll), lr, wd = min(runs, key=lambda r: r[0][2])
     return model, {"lr": lr, "weight_decay": wd, "epochs": epoch, "val_nll": nll}
 
 
 def test_metrics(split: Split, out: Tensor) -> dict[str, float]:
-    """The six reported metrics of the mixture of the S Gaussians of `out` [S, N, 2], in the target's original units."""
+    """The six reported metrics of the S-Gaussian mixture of `out` [S, N, 2d], in the target's original units."""
     mean, std = gaussian_params(out)
     m = regression_metrics(
         mean * split.y_std + split.y_mean, std * split.y_std, split.y["test"] * split.y_std + split.y_mean
@@ -185,30 +218,41 @@ def test_metrics(split: Split, out: Tensor) -> dict[str, float]:
     }
 
 
-def evaluate_split(seed: int, budget: Budget) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
-    """Test metrics and the chosen settings of the three methods on split `seed`."""
-    split = load_split(seed)
+def predictives(
+    split: Split, budget: Budget, seed: int, hidden: Sequence[int] = HIDDEN, members: int = MEMBERS
+) -> tuple[dict[str, Tensor], dict[str, dict[str, float]]]:
+    """Test-split head outputs [S, N, 2d] of the methods trained with `seed` (the ensemble only when
+    `members` > 1), and the settings chosen on validation for the BNN and the deterministic net."""
     x = split.x["test"]
-    bnn, bnn_choice = select(split, True, seed, budget)
-    det, det_choice = select(split, False, seed, budget)
+    bnn, bnn_choice = select(split, True, seed, budget, hidden=hidden)
+    det, det_choice = select(split, False, seed, budget, hidden=hidden)
     lr, wd = det_choice["lr"], det_choice["weight_decay"]
-    members = [
+    nets = [
         det,
-        *(train(split, False, lr, wd, seed + 1000 * (i + 1), budget, Variational())[0] for i in range(MEMBERS - 1)),
+        *(
+            train(split, False, lr, wd, seed + 1000 * (i + 1), budget, Variational(), hidden)[0]
+            for i in range(members - 1)
+        ),
     ]
-    ensemble = torch.cat([predict(m, x, False, seed) for m in members])
-    metrics = {
-        "bnn": test_metrics(split, predict(bnn, x, True, seed)),
-        "deterministic": test_metrics(split, ensemble[:1]),
-        "ensemble": test_metrics(split, ensemble),
-    }
-    return metrics, {"bnn": bnn_choice, "deterministic": det_choice}
+    ensemble = torch.cat([predict(m, x, False, seed) for m in nets])
+    outputs = {"bnn": predict(bnn, x, True, seed), "deterministic": ensemble[:1]}
+    if members > 1:
+        outputs["ensemble"] = ensemble
+    return outputs, {"bnn": bnn_choice, "deterministic": det_choice}
+
+
+def evaluate_split(
+    split: Split, budget: Budget, seed: int, hidden: Sequence[int] = HIDDEN, members: int = MEMBERS
+) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
+    """Test metrics and the chosen settings of the methods on `split`, trained with `seed`."""
+    outputs, choices = predictives(split, budget, seed, hidden, members)
+    return {method: test_metrics(split, out) for method, out in outputs.items()}, choices
 
 
 def run(quick: bool = False, smoke: bool = False) -> dict:
     """The protocol at the full, quick or smoke budget; metrics are means over the splits."""
     budget = BUDGETS["smoke" if smoke else "quick" if quick else "full"]
-    per_split, choices = zip(*(evaluate_split(seed, budget) for seed in range(budget.splits)))
+    per_split, choices = zip(*(evaluate_split(load_split(seed), budget, seed) for seed in range(budget.splits)))
     result: dict = {"dataset": DATASET, "splits": budget.splits, "epochs": budget.epochs}
     stderr = {}
     for method in METHODS:
