@@ -37,6 +37,8 @@ import sys
 import time
 from pathlib import Path
 
+import hpcbnn  # noqa: F401  (before the worker's mpi4py: it sets MPI's options, hpcbnn/__init__.py)
+
 WIDTHS = (784, 1024, 1024, 10)
 MODES = ("sample", "data", "hybrid")
 DEFAULT_LAUNCHER = f"mpirun {'--allow-run-as-root ' if os.geteuid() == 0 else ''}--bind-to core --map-by core"

@@ -16,9 +16,16 @@ use, so `import hpcbnn` starts neither MPI nor torchvision.
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any
 
 __version__ = "0.1.0"
+
+# Open MPI busy-polls while a rank waits inside MPI, and Horovod's background thread waits
+# there every cycle, on the core the rank's compute thread is bound to: measured, that halved
+# weak sample scaling (docs/performance.md). Yielding the core while idle is read at MPI_Init,
+# which runs after this (the first mpi4py import); a value the user or launcher set wins.
+os.environ.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
 
 _EXPORTS = {
     "bayesianize": "hpcbnn.bnn.bayesianize",

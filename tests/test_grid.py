@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -88,3 +91,14 @@ def test_good_grid_passes() -> None:
     result = run_mpi(4, ["tests/programs/grid_check.py", "hybrid", "2", "8", "8"], timeout=60)
     assert result.returncode == 0, result.output
     assert result.stdout.count("grid ok") == 4
+
+
+@pytest.mark.parametrize("preset, expected", [(None, "1"), ("0", "0")])
+def test_importing_hpcbnn_makes_idle_mpi_ranks_yield_unless_told_otherwise(preset: str | None, expected: str) -> None:
+    """Open MPI reads it at MPI_Init: without it, Horovod's background thread busy-polls the compute core."""
+    env = {k: v for k, v in os.environ.items() if k != "OMPI_MCA_mpi_yield_when_idle"}
+    if preset is not None:
+        env["OMPI_MCA_mpi_yield_when_idle"] = preset
+    code = "import os, hpcbnn; print(os.environ['OMPI_MCA_mpi_yield_when_idle'])"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert done.stdout.strip() == expected, done.stderr
