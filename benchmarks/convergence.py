@@ -122,7 +122,7 @@ def plot(result: dict[str, dict[str, Any]], path: Path) -> Path:
         else:
             ax.set(ylim=(max(0.0, ax.get_ylim()[0]), 1.0))
     panels[0].legend(fontsize="small")
-    fig.suptitle(f"digits, {AUGMENT} augmentation, sample mode on {RANKS} ranks: augmentation randomness per ...")
+    fig.suptitle(f"digits, {AUGMENT} augmentation drawn per sample, per rank or shared; sample mode on {RANKS} ranks")
     fig.savefig(path, dpi=110)
     return path
 
