@@ -16,9 +16,11 @@ BACKENDS = ["torch", pytest.param("horovod", marks=pytest.mark.skipif(
 PROGRAM = "tests/programs/engine_exactness.py"
 
 
-def train(tmp: Path, np: int, mode: str, k: int, backend: str, reduction: str = "world", cases: str = "all") -> dict:
-    out = tmp / f"{np}-{mode}-{k}-{backend}-{reduction}.pt"
-    result = run_mpi(np, [PROGRAM, mode, str(k), backend, str(out), reduction, cases], timeout=300)
+def train(tmp: Path, np: int, mode: str, k: int, backend: str, reduction: str = "world", cases: str = "all",
+          chunk: int | None = None) -> dict:
+    out = tmp / f"{np}-{mode}-{k}-{backend}-{reduction}-{chunk}.pt"
+    extra = [] if chunk is None else [str(chunk)]
+    result = run_mpi(np, [PROGRAM, mode, str(k), backend, str(out), reduction, cases, *extra], timeout=300)
     assert result.returncode == 0, result.output
     return torch.load(out)
 
@@ -72,3 +74,23 @@ def test_any_grid_equals_one_process(reference: dict, tmp_path: Path, backend: s
             assert f"D={data_groups} data groups, but the model has BatchNorm layers" in params[name]["refused"]
             continue
         assert_same_state(params[name]["final"], want["final"], f"{name} on {np} ranks ({mode}, {reduction})")
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("np, chunk", [(1, 1), (2, 1), (1, 3)])
+def test_sample_chunks_train_the_same_model(reference: dict, tmp_path: Path, np: int, chunk: int) -> None:
+    """--sample_chunk bounds the weight copies alive at once (S=4 samples, here 1 or 3 at a time on
+    1 rank, 1 of each rank's 2 on 2 ranks): the ELBO's update is the one of all samples at once;
+    the predictive objective, not linear in the samples, and BatchNorm are refused."""
+    params = train(tmp_path, np, "sample", 0, "torch", chunk=chunk)
+    for name in sorted(CASES):
+        if "predictive" in name:
+            assert params[name] == {
+                "refused": f"--sample_chunk {chunk} with --objective predictive: only the ELBO splits exactly "
+                "over sample chunks; use --objective elbo or leave --sample_chunk unset"
+            }
+            continue
+        if name == "batchnorm":
+            assert "whose statistics would cover one chunk of samples" in params[name]["refused"]
+            continue
+        assert_same_state(params[name]["final"], reference[name]["final"], f"{name}, chunks of {chunk} on {np} ranks")

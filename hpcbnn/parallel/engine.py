@@ -44,6 +44,29 @@ EVAL_STEP = -1  # a noise stream of its own: evaluation never reuses a training 
 AUGMENT_KEY, AUGMENT_STREAM = 0xA06, 2  # augmentation seeds never collide with any layer's noise
 
 
+def check_chunk(chunk: int | None, local: int, objective: str, model: nn.Module) -> int | None:
+    """`chunk`, the samples a rank evaluates at once (None: all its `local` ones), checked. It
+    bounds the weight copies alive at a time; only the ELBO splits exactly, as the predictive
+    objective's log of the mean over samples needs every sample's likelihood in one graph, and
+    BatchNorm's statistics would cover one chunk's rows."""
+    if chunk is None:
+        return None
+    if chunk < 1:
+        raise UsageError(f"--sample_chunk {chunk}: use a number of samples >= 1")
+    if chunk < local and objective != "elbo":
+        raise UsageError(
+            f"--sample_chunk {chunk} with --objective {objective}: only the ELBO splits exactly over sample chunks; "
+            f"use --objective elbo or leave --sample_chunk unset"
+        )
+    norms = [name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if chunk < local and norms:
+        raise UsageError(
+            f"--sample_chunk {chunk}: the model has BatchNorm layers ({norms[0]}, ...) whose statistics would cover "
+            "one chunk of samples, not all of them; leave --sample_chunk unset or use a model without BatchNorm"
+        )
+    return chunk
+
+
 def check_batch_norm(model: nn.Module, grid: ProcessGrid) -> None:
     """Refuse to train BatchNorm on more than one data group: its batch statistics come from
     each rank's B/D rows only, so the update would depend on the grid (no exactness)."""
@@ -90,6 +113,7 @@ class Engine:
         hierarchical: bool = False,
         clip_grad: float | None = None,
         amp: bool = False,
+        sample_chunk: int | None = None,
     ) -> None:
         grid.check(samples, batch_size)
         check_samples(samples, num_components(model))
@@ -106,15 +130,16 @@ class Engine:
         self.hierarchical, self.clip_grad = hierarchical, clip_grad
         self.amp = amp and grid.device.type == "cuda"
         self.local = list(grid.local_samples(samples))
+        self.sample_chunk = check_chunk(sample_chunk, len(self.local), objective, model)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.dtype = self.params[0].dtype
         comm.broadcast_(model.state_dict().values())
         if optimizer is not None:
             comm.broadcast_(t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))
 
-    def inputs(self, x: Tensor, rows: slice, step: int) -> Tensor:
-        """The [k*B_local, ...] sample-major input: one (augmented) copy per local sample."""
-        k, augment = len(self.local), self.augment
+    def inputs(self, x: Tensor, rows: slice, step: int, samples: list[int]) -> Tensor:
+        """The [k*B_local, ...] sample-major input: one (augmented) copy per sample of `samples`."""
+        k, augment = len(samples), self.augment
         if augment is None:
             return x.expand(k, *x.shape).reshape(k * x.shape[0], *x.shape[1:])
 
@@ -123,18 +148,18 @@ class Engine:
             return augment(x, torch.Generator().manual_seed(seed), rows, self.batch_size)
 
         if self.augment_mode == "per-sample":
-            return torch.cat([augmented(s) for s in self.local])
+            return torch.cat([augmented(s) for s in samples])
         stream = self.grid.rank if self.augment_mode == "per-rank" else -1
         return augmented(stream).repeat(k, *[1] * (x.dim() - 1))
 
-    def loss(self, x: Tensor, y: Tensor, rows: slice, step: int) -> tuple[Tensor, Tensor, Tensor]:
-        """This rank's share of the objective, and its expected-NLL and KL parts."""
-        k, b, x = len(self.local), x.shape[0], x.to(self.dtype)
+    def loss(self, x: Tensor, y: Tensor, rows: slice, step: int, samples: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+        """This rank's objective on its `samples`, and its expected-NLL and KL parts."""
+        k, b, x = len(samples), x.shape[0], x.to(self.dtype)
         with (
-            sampling(self.seed, step, self.local, rows, self.batch_size),
+            sampling(self.seed, step, samples, rows, self.batch_size),
             torch.autocast(self.grid.device.type, torch.bfloat16, enabled=self.amp),
         ):
-            out = self.model(self.inputs(x, rows, step))
+            out = self.model(self.inputs(x, rows, step, samples))
         loglik = self.loglik(out.to(self.dtype).view(k, b, *out.shape[1:]), y)
         kl = kl_divergence(self.model)
         loss = self.objective(
@@ -151,26 +176,40 @@ class Engine:
         if self.optimizer is None:
             raise TypeError("Engine.step needs an optimizer: this engine was built to predict only")
         start = time.perf_counter()
-        loss, nll, kl = self.loss(x, y, rows, step)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss, nll, kl = 0.0, 0.0, 0.0
+        # The ELBO is a mean over samples: chunk c's objective, weighted by its share of the
+        # rank's samples, has gradients that add up to the whole one, with c weight copies alive.
+        chunk = self.sample_chunk or len(self.local)
+        for i in range(0, len(self.local), chunk):
+            samples = self.local[i : i + chunk]
+            part, part_nll, part_kl = self.loss(x, y, rows, step, samples)
+            share = len(samples) / len(self.local)
+            (part * share if share < 1 else part).backward()
+            loss, nll, kl = loss + share * part.item(), nll + share * part_nll.item(), part_kl.item()
         computed = time.perf_counter()
         self.comm.reduce_gradients(self.params, self.hierarchical)
         reduced = time.perf_counter()
         if self.clip_grad:
             nn.utils.clip_grad_norm_(self.params, self.clip_grad)
         self.optimizer.step()
-        return StepResult(loss.item(), nll.item(), kl.item(), computed - start, reduced - computed)
+        return StepResult(loss, nll, kl, computed - start, reduced - computed)
 
     @torch.no_grad()
     def predict(self, x: Tensor, rows: slice, global_batch: int, samples: int) -> Tensor:
         """Outputs of all `samples` weight samples on this data group's rows: [samples, B_local, ...]."""
         check_samples(samples, num_components(self.model))
         local = list(self.grid.local_samples(samples))
-        k, b, x = len(local), x.shape[0], x.to(self.dtype)
-        with sampling(self.seed, EVAL_STEP, local, rows, global_batch):
-            out = self.model(x.expand(k, *x.shape).reshape(k * b, *x.shape[1:]))
-        return self.comm.allgather(out.view(k, b, *out.shape[1:]).contiguous(), "sample")
+        b, x = x.shape[0], x.to(self.dtype)
+        outs = []
+        chunk = self.sample_chunk or len(local)
+        for i in range(0, len(local), chunk):
+            part = local[i : i + chunk]
+            with sampling(self.seed, EVAL_STEP, part, rows, global_batch):
+                out = self.model(x.expand(len(part), *x.shape).reshape(len(part) * b, *x.shape[1:]))
+            outs.append(out.view(len(part), b, *out.shape[1:]))
+        out = torch.cat(outs) if len(outs) > 1 else outs[0]
+        return self.comm.allgather(out.contiguous(), "sample")
 
     def sync_buffers(self) -> None:
         """Average floating buffers (e.g. BatchNorm running statistics) over the grid."""

@@ -75,6 +75,9 @@ class Config:
     """Gradient averaging: one call over all ranks, or over the sample then the data communicator."""
     samples: int = 8
     """Monte-Carlo weight samples per step, global: each rank evaluates samples/K."""
+    sample_chunk: Optional[int] = None
+    """Evaluate each rank's samples this many at a time (default: all at once), which bounds the weight copies
+    and activations in memory; the gradient is the same (the ELBO is a mean over samples; --objective elbo only)."""
     eval_samples: Optional[int] = None
     """Samples of the predictive at evaluation (default: samples); a multiple of K."""
     batch_size: int = 64

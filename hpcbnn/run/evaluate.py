@@ -71,7 +71,15 @@ def main(argv: list[str] | None = None) -> int:
     state = load_checkpoint(path, model_fingerprint(model), map_location=job.grid.device)
     model.load_state_dict(state["model"])
     engine = Engine(
-        model, None, job.grid, job.comm, samples=samples, batch_size=cfg.batch_size, n_train=info.n, seed=cfg.seed
+        model,
+        None,
+        job.grid,
+        job.comm,
+        samples=samples,
+        batch_size=cfg.batch_size,
+        n_train=info.n,
+        seed=cfg.seed,
+        sample_chunk=cfg.sample_chunk,
     )
     metrics, ood_metrics = evaluate_uncertainty(engine, loader, samples, info.task, cfg.ece_bins, ood)
     if job.grid.is_root:

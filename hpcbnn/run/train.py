@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         hierarchical=cfg.reduction == "hierarchical",
         clip_grad=cfg.clip_grad,
         amp=cfg.amp,
+        sample_chunk=cfg.sample_chunk,
     )
 
     # Resume from the run directory's newest valid checkpoint, before the configuration is recorded.

@@ -1,12 +1,13 @@
 """Train 5 steps in float64 on this grid and save every case's state (rank 0) for comparison.
 
-usage: engine_exactness.py MODE K BACKEND OUT.pt REDUCTION [CASES]
+usage: engine_exactness.py MODE K BACKEND OUT.pt REDUCTION [CASES [CHUNK]]
 Fixed digits batches, S=4 samples, B=8 examples per step. The cases cover what the grid could
 get wrong: both objectives, the three gradient estimators, a CNN with per-sample and shared
 flip augmentation, a BatchNorm CNN (refused on D>1 data groups, where its batch statistics
 would cover one rank's rows only), the Gaussian likelihood, and Adam with gradient clipping.
 A case the engine refuses is saved as {"refused": the message}. CASES: all (the default) or
 base (the first four: what differs between backends is the reduction, not the estimators).
+CHUNK: each rank evaluates its samples CHUNK at a time (--sample_chunk; default all at once).
 """
 
 import sys
@@ -26,6 +27,7 @@ S, B, STEPS, SEED = 4, 8, 5, 7
 mode, k, backend, out = sys.argv[1], int(sys.argv[2]) or None, sys.argv[3], sys.argv[4]
 hierarchical = len(sys.argv) > 5 and sys.argv[5] == "hierarchical"
 case_set = sys.argv[6] if len(sys.argv) > 6 else "all"
+chunk = int(sys.argv[7]) if len(sys.argv) > 7 else None
 torch.set_default_dtype(torch.float64)
 grid = ProcessGrid(mode, k)
 comm = make_collectives(grid, backend)
@@ -76,7 +78,7 @@ for name, (kind, estimator, objective, likelihood, opt, clip, augment, augment_m
         engine = Engine(model, optimizer_for(opt, model), grid, comm, samples=S, batch_size=B,
                         n_train=len(digits.target), seed=SEED, objective=objective, likelihood=likelihood,
                         hierarchical=hierarchical, clip_grad=clip, augment=augmentation(augment or "none"),
-                        augment_mode=augment_mode)
+                        augment_mode=augment_mode, sample_chunk=chunk)
     except UsageError as exc:
         results[name] = {"refused": str(exc)}
         continue
