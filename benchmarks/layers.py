@@ -11,6 +11,10 @@ steps again in a fresh subprocess, which reports its peak resident set size
 (VmHWM) and the resident size just before the model was built; the ratio of the differences is the
 memory the step itself needs (parameters, optimizer state, activations, weight samples),
 the ratio of the peaks what the whole process needs. Targets: time <= 1.5, memory <= 1.2.
+
+Sample chunks (`--sample_chunk` of hpcbnn.train): the Bayesian step again with its S samples
+evaluated c at a time (the ELBO of each chunk weighted by c/S, backward per chunk: the same
+gradient), at c = S and c = --chunk (default S/4): time per step and the step's memory.
 """
 
 from __future__ import annotations
@@ -45,11 +49,11 @@ def build(model: str) -> tuple[nn.Module, tuple[int, ...]]:
 class Step:
     """One optimizer step of a deterministic (batch S*B) or Bayesian (S samples x B) network."""
 
-    def __init__(self, model: str, bayesian: bool, samples: int, batch: int) -> None:
+    def __init__(self, model: str, bayesian: bool, samples: int, batch: int, chunk: int = 0) -> None:
         torch.manual_seed(0)
         net, shape = build(model)
         self.net = bayesianize(net) if bayesian else net
-        self.bayesian, self.samples, self.batch = bayesian, samples, batch
+        self.bayesian, self.samples, self.batch, self.chunk = bayesian, samples, batch, chunk or samples
         rows = batch if bayesian else samples * batch
         self.x = torch.randn(rows, *shape)
         self.y = torch.randint(0, 10, (rows,))
@@ -61,13 +65,15 @@ class Step:
         start, cpu = time.perf_counter(), time.process_time()
         self.opt.zero_grad(set_to_none=True)
         if self.bayesian:
-            s, b = self.samples, self.batch
-            with sampling(0, self.t, range(s)):
-                out = self.net(self.x.expand(s, *self.x.shape).reshape(s * b, *self.x.shape[1:]))
-            loss = elbo_loss(categorical_loglik(out.view(s, b, -1), self.y), kl_divergence(self.net), N_TRAIN)
+            b = self.batch
+            for first in range(0, self.samples, self.chunk):  # as hpcbnn's Engine.step does
+                part = range(first, min(self.samples, first + self.chunk))
+                with sampling(0, self.t, part):
+                    out = self.net(self.x.expand(len(part), *self.x.shape).reshape(len(part) * b, *self.x.shape[1:]))
+                loglik = categorical_loglik(out.view(len(part), b, -1), self.y)
+                (elbo_loss(loglik, kl_divergence(self.net), N_TRAIN) * (len(part) / self.samples)).backward()
         else:
-            loss = F.cross_entropy(self.net(self.x), self.y)
-        loss.backward()
+            F.cross_entropy(self.net(self.x), self.y).backward()
         self.opt.step()
         self.t += 1
         return time.perf_counter() - start, time.process_time() - cpu
@@ -79,19 +85,20 @@ def status_kib(field: str) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
-def child(model: str, bayesian: bool, samples: int, batch: int, steps: int) -> None:
+def child(model: str, bayesian: bool, samples: int, batch: int, steps: int, chunk: int = 0) -> None:
     """Run in a fresh process: print the resident size before the model and the peak after `steps`."""
     before = status_kib("VmRSS")
-    step = Step(model, bayesian, samples, batch)
+    step = Step(model, bayesian, samples, batch, chunk)
     for _ in range(steps):
         step()
     peak = status_kib("VmHWM")
     print(json.dumps({"before_kib": before, "peak_kib": peak}))
 
 
-def memory(model: str, bayesian: bool, args: argparse.Namespace) -> dict[str, int]:
+def memory(model: str, bayesian: bool, args: argparse.Namespace, chunk: int = 0) -> dict[str, int]:
     cmd = [sys.executable, "-m", "benchmarks.layers", "--child", model, str(int(bayesian)),
-           "--threads", str(args.threads), "--samples", str(args.samples), "--batch", str(args.batch)]
+           "--threads", str(args.threads), "--samples", str(args.samples), "--batch", str(args.batch),
+           "--chunk", str(chunk)]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])
@@ -120,6 +127,24 @@ def compare(model: str, args: argparse.Namespace) -> dict[str, float]:
             "peak_ratio": m_bayes["peak_kib"] / m_det["peak_kib"]}
 
 
+def chunks(model: str, args: argparse.Namespace) -> list[dict[str, float]]:
+    """Time (median of alternating steps) and step memory of the Bayesian step at c = S and c = --chunk."""
+    sizes = (args.samples, args.chunk or max(1, args.samples // 4))
+    steps = [Step(model, True, args.samples, args.batch, c) for c in sizes]
+    for step in steps:
+        step()  # warm-up
+    times: list[list[float]] = [[], []]
+    for _ in range(args.repeats):
+        for t, step in zip(times, steps):
+            t.append(step()[0])
+    del steps
+    rows = []
+    for c, t in zip(sizes, times):
+        m = memory(model, True, args, c)
+        rows.append({"chunk": c, "step_s": statistics.median(t), "step_mib": (m["peak_kib"] - m["before_kib"]) / 1024})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads (default: all)")
@@ -127,11 +152,12 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=16, help="S, Monte-Carlo samples per step")
     parser.add_argument("--batch", type=int, default=128, help="B, examples per step")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per variant (median)")
+    parser.add_argument("--chunk", type=int, default=0, help="the sample chunk to compare with c = S (default S/4)")
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "BAYESIAN"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.child:
-        child(args.child[0], bool(int(args.child[1])), args.samples, args.batch, steps=2)
+        child(args.child[0], bool(int(args.child[1])), args.samples, args.batch, steps=2, chunk=args.chunk)
         return
     print(f"S={args.samples} B={args.batch}, {args.threads} threads; deterministic net on a batch of "
           f"{args.samples * args.batch}; time: median of {args.repeats} alternating steps; "
@@ -142,6 +168,11 @@ def main() -> None:
         r = compare(model, args)
         print(f"{model:6} {r['t_det']:8.3f} {r['t_bayes']:8.3f} {r['time_ratio']:7.2f} {r['cpu_ratio']:6.2f} "
               f"{r['mem_det']:8.0f} {r['mem_bayes']:9.0f} {r['mem_ratio']:10.2f} {r['peak_ratio']:7.2f}", flush=True)
+    print(f"sample chunks: the Bayesian step with its S={args.samples} samples evaluated c at a time (same gradient)")
+    print(f"{'model':6} {'c':>4} {'step s':>8} {'step MiB':>9}")
+    for model in args.models:
+        for row in chunks(model, args):
+            print(f"{model:6} {row['chunk']:4d} {row['step_s']:8.3f} {row['step_mib']:9.0f}", flush=True)
 
 
 if __name__ == "__main__":
