@@ -70,7 +70,7 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from benchmarks.uq_regression import KEYS, Budget, Split, predictives, test_metrics
+from benchmarks.uq_regression import KEYS, Budget, Split, chosen_lines, predictives, test_metrics
 from hpcbnn.bnn.objectives import gaussian_params
 from hpcbnn.data.format import SPLITS, open_dataset, open_h5
 
@@ -288,10 +288,7 @@ def table(result: dict) -> str:
     lines.append(
         f"{'last week':<14}{naive['rmse']:>19.0f}{'-':>19}{naive['crps']:>19.0f}  (seasonal naive, a point forecast)"
     )
-    for method, chosen in result["selected"].items():
-        runs = ", ".join(f"lr {c['lr']:g} wd {c['weight_decay']:g} epoch {c['epochs']}" for c in chosen)
-        lines.append(f"chosen on validation, {method}: {runs}")
-    return "\n".join(lines)
+    return "\n".join([*lines, *chosen_lines(result)])
 
 
 def main(argv: Sequence[str] | None = None) -> None:

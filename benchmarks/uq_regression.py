@@ -284,10 +284,16 @@ def table(result: dict) -> str:
         se = result["stderr"][method]
         cells = (f"{result[method][k]:.3f}" + (f" +-{se[k]:.3f}" if se[k] is not None else "") for k in KEYS)
         lines.append(f"{method:<14}" + "".join(f"{c:>17}" for c in cells))
-    for method, chosen in result["selected"].items():
-        runs = ", ".join(f"lr {c['lr']:g} wd {c['weight_decay']:g} epoch {c['epochs']}" for c in chosen)
-        lines.append(f"chosen on validation, {method}: {runs}")
-    return "\n".join(lines)
+    return "\n".join([*lines, *chosen_lines(result)])
+
+
+def chosen_lines(result: dict) -> list[str]:
+    """One line per method: the settings chosen on validation, per split (or seed)."""
+    return [
+        f"chosen on validation, {method}: "
+        + ", ".join(f"lr {c['lr']:g} wd {c['weight_decay']:g} epoch {c['epochs']}" for c in chosen)
+        for method, chosen in result["selected"].items()
+    ]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
