@@ -16,6 +16,7 @@ import os
 import queue
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 
 from hpcbnn.data.format import DatasetInfo, open_dataset, open_h5
+from hpcbnn.data.reader import Reader
 from hpcbnn.errors import UsageError
 from hpcbnn.retry import retrying
 
@@ -134,12 +136,14 @@ def available_memory() -> int:
 
 
 class Loader:
-    """This rank's batches of one split, read from the file in a background thread.
+    """This rank's batches of one split, prepared `prefetch` batches ahead.
 
     `preload`: True holds the rows this rank needs in memory, False streams every batch
-    from the file, None (default) preloads when that takes at most 1 GiB per rank. The
-    rows must fit in a quarter of the node's available memory shared by its ranks (a
-    UsageError for True, streaming for None).
+    from the file, None (default) preloads when that takes at most `preload_limit` bytes
+    per rank (1 GiB). The rows must fit in a quarter of the node's available memory shared
+    by its ranks (a UsageError for True, streaming for None). Streaming with prefetch reads
+    in a reader process (hpcbnn.data.reader), which holds no GIL of this one;
+    `reader_process=False` reads in a thread of this process instead.
     """
 
     def __init__(
@@ -155,6 +159,8 @@ class Loader:
         prefetch: int = 2,
         preload: bool | None = None,
         verify: bool = True,
+        preload_limit: int = AUTO_PRELOAD_BYTES,
+        reader_process: bool = True,
     ) -> None:
         self.info = open_dataset(path, split, verify=verify, comm=grid.world, timeout=grid.timeout)
         grid.check(grid.sample_size, batch_size)  # B must split evenly over the D data groups
@@ -167,6 +173,8 @@ class Loader:
             raise UsageError(f"seed {seed} is negative; use a seed >= 0")
         self.grid, self.batch_size, self.seed = grid, batch_size, seed
         self.shuffle, self.drop_last, self.prefetch = shuffle, drop_last, prefetch
+        self.preload_limit, self.reader_process = preload_limit, reader_process
+        self.reader: Reader | None = None  # started by the first streamed epoch
         self.rows = grid.local_batch(batch_size)
         # Called on every rank before each batch is handed out (the same number of times on all of
         # them): where a run that reads a whole split in one go checks for a stop request.
@@ -209,7 +217,7 @@ class Loader:
                 f"{need / 2**30:.2f} GiB per rank, more than the {share / 2**30:.2f} GiB "
                 f"share of the available memory on the fullest node; do not preload"
             )
-        return fits and (bool(preload) or need <= AUTO_PRELOAD_BYTES)
+        return fits and (bool(preload) or need <= self.preload_limit)
 
     @property
     def preloaded(self) -> bool:
@@ -228,17 +236,39 @@ class Loader:
         order = self.order(epoch)
         valid = (np.arange(order.size) < self.info.n).reshape(order.shape)[:, self.rows]
         local = order[:, self.rows]
-        batches = (self._batch(t, local[t], valid[t]) for t in range(len(local)))
+        if self.prefetch > 0 and self.reader_process and not self.preloaded:
+            batches = self._streamed(local, valid)
+        else:
+            batches = (self._batch(t, local[t], valid[t]) for t in range(len(local)))
         ready = _background(batches, self.prefetch) if self.prefetch > 0 else batches
         return _checked(ready, self.between_batches) if self.between_batches else ready
 
     def _batch(self, step: int, index: np.ndarray, valid: np.ndarray) -> Batch:
         x = torch.from_numpy(self.source.read(index)).float().mul_(self.scale).add_(self.shift)
+        return self._assemble(step, x, index, valid)
+
+    def _assemble(self, step: int, x: torch.Tensor, index: np.ndarray, valid: np.ndarray) -> Batch:
         index_t = torch.from_numpy(index.astype(np.int64))
         return Batch(x=x, y=self.y[index_t], index=index_t, rows=self.rows, valid=torch.from_numpy(valid), step=step)
 
+    def _streamed(self, local: np.ndarray, valid: np.ndarray) -> Iterator[Batch]:
+        """The epoch's batches from the reader process (started now, once per process; a forked
+        child starts its own), normalised there exactly as `_batch` does."""
+        if self.reader is None or not self.reader.alive:
+            self.reader = Reader(self.info, local.shape[1], self.prefetch, self.grid.timeout)
+        xs = self.reader.batches(local, self.scale, self.shift)
+
+        def assembled() -> Iterator[Batch]:
+            with closing(xs):  # stopped early: the reader hears of it now, not at garbage collection
+                for t, x in enumerate(xs):
+                    yield self._assemble(t, x, local[t], valid[t])
+
+        return assembled()
+
     def close(self) -> None:
         self.source.close()
+        if self.reader is not None:
+            self.reader.close()
 
     def __enter__(self) -> Loader:
         return self
@@ -299,6 +329,10 @@ def _background(items: Iterator[T], depth: int) -> Iterator[T]:
             put(_END)
         except BaseException as exc:
             put(_Failure(exc))
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:  # a generator stopped early tidies up here (e.g. tells a reader process)
+                close()
 
     thread = threading.Thread(target=work, name="hpcbnn-prefetch", daemon=True)
     thread.start()

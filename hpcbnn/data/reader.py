@@ -1,0 +1,213 @@
+"""A reader process per streaming Loader: batches read and normalised outside the training process.
+
+h5py holds the GIL while it reads, so a prefetch thread that streams from the file slows the
+training thread (measured 15-25% of a step, docs/data-format.md). A separate process has its
+own GIL: it reads each batch with the loader's grouped reads and retries (`_Rows`),
+normalises it into one of a ring of shared-memory slots and says which; the training process
+copies the slot out once (a memcpy that releases the GIL) and hands the slot back.
+
+The reader is a fresh interpreter (`subprocess`), neither a fork nor multiprocessing's
+spawn: the training process runs under MPI, and a forked child of an MPI process, or one
+that re-imports the program's main module, may touch MPI. It imports numpy, h5py and
+hpcbnn.data, never mpi4py. It ends when its pipe closes, so it never outlives the training
+process, and the training process gives up on it within bounded time: a reader that exits
+is noticed within a poll interval, one that stops answering after `timeout` seconds.
+
+Protocol (pickles over two pipes), every message of an epoch tagged with its serial number:
+training -> reader  ("epoch", id, index [steps, rows], scale, shift), ("free", id, slot),
+                    ("stop", id) when the consumer stops early, ("quit",)
+reader -> training  ("ready", id, step, slot), ("error", id, usage, message)
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Generator
+from contextlib import suppress
+from multiprocessing.connection import Connection
+from multiprocessing.shared_memory import SharedMemory
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from hpcbnn.data.format import DatasetInfo
+from hpcbnn.errors import UsageError
+
+if TYPE_CHECKING:
+    from hpcbnn.data.loader import _Rows
+
+POLL_S = 0.2  # how often a waiting training process checks that its reader is alive
+QUIT_S = 5.0  # how long close() waits for the reader to exit before killing it
+Message = tuple
+
+
+class ReaderError(RuntimeError):
+    """The reader process died, failed unexpectedly or stopped answering."""
+
+
+class Reader:
+    """The training side: starts the reader process, hands out its batches as tensors."""
+
+    def __init__(self, info: DatasetInfo, rows: int, slots: int, timeout: float) -> None:
+        self.info, self.timeout = info, timeout
+        self.what = f"the reader process of /{info.split}/x of {info.path}"
+        shape = (slots, rows, *info.input_shape)
+        self.memory = SharedMemory(create=True, size=4 * int(np.prod(shape)))
+        self.slots = np.ndarray(shape, np.float32, buffer=self.memory.buf)
+        child_in, to_child = os.pipe()
+        from_child, child_out = os.pipe()
+        root = str(Path(__file__).resolve().parents[2])  # hpcbnn importable whatever the cwd
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", f"from hpcbnn.data.reader import serve; serve({child_in}, {child_out})"],
+                pass_fds=(child_in, child_out),
+                env=env,
+            )
+        except OSError:
+            for fd in (child_in, to_child, from_child, child_out):
+                os.close(fd)
+            del self.slots
+            self.memory.close()
+            self.memory.unlink()
+            raise
+        os.close(child_in)
+        os.close(child_out)
+        self.outbox, self.inbox = Connection(to_child, readable=False), Connection(from_child, writable=False)
+        self.lock = threading.Lock()  # one epoch's consumer at a time talks to the reader
+        self.epoch_id, self.pid = 0, os.getpid()
+        self._send(("setup", info, self.memory.name, shape))
+        self.close = weakref.finalize(self, _shutdown, os.getpid(), self.process, self.outbox, self.inbox, self.memory)
+
+    def batches(
+        self, index: np.ndarray, scale: torch.Tensor, shift: torch.Tensor
+    ) -> Generator[torch.Tensor, None, None]:
+        """The normalised inputs of rows `index[t]` for every step t; a new epoch supersedes this one."""
+        with self.lock:
+            self.epoch_id += 1
+            epoch = self.epoch_id
+            self._send(("epoch", epoch, index, scale.numpy(), shift.numpy()))
+        finished = False
+        try:
+            for step in range(len(index)):
+                slot = self._wait(epoch, step)
+                x = torch.from_numpy(self.slots[slot]).clone()
+                self._send(("free", epoch, slot))
+                yield x
+            finished = True
+        finally:
+            if not finished:
+                self._send(("stop", epoch))
+
+    def _wait(self, epoch: int, step: int) -> int:
+        """The slot holding batch `step` of `epoch`; raises instead of waiting forever."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            with self.lock:
+                if epoch != self.epoch_id:
+                    raise ReaderError(f"{self.what}: epoch superseded by a newer one (a Loader streams one at a time)")
+                try:
+                    message = self.inbox.recv() if self.inbox.poll(POLL_S) else None
+                except (EOFError, OSError):
+                    raise self._gone(step) from None
+            if message is not None and message[1] == epoch:
+                if message[0] == "error":
+                    _, _, usage, text = message
+                    if usage:
+                        raise UsageError(text, collective=False)
+                    raise ReaderError(f"{self.what} failed: {text}")
+                if message[2] != step:
+                    raise ReaderError(f"{self.what} sent batch {message[2]}, expected {step}")
+                return message[3]
+            if message is None and self.process.poll() is not None:
+                raise self._gone(step)
+            if time.monotonic() > deadline:
+                raise ReaderError(f"{self.what} has not delivered batch {step} in {self.timeout:g} s")
+
+    def _gone(self, step: int) -> ReaderError:
+        """The error for a reader that closed its pipe: it exited (or is exiting; its code is awaited briefly)."""
+        with suppress(subprocess.TimeoutExpired):
+            self.process.wait(QUIT_S)
+        return ReaderError(
+            f"{self.what} exited with code {self.process.returncode} before batch {step} of the epoch "
+            f"(a negative code is the signal that ended it, e.g. -9: killed, often for memory)"
+        )
+
+    def _send(self, message: Message) -> None:
+        with suppress(OSError):  # the reader is gone: the next wait says so
+            self.outbox.send(message)
+
+    @property
+    def alive(self) -> bool:
+        return self.close.alive and self.pid == os.getpid()
+
+
+def _shutdown(
+    owner: int, process: subprocess.Popen, outbox: Connection, inbox: Connection, memory: SharedMemory
+) -> None:
+    """Stop the reader and free the shared memory (also at interpreter exit); a forked child, which
+    shares them with its parent, leaves them alone."""
+    if os.getpid() != owner:
+        return
+    with suppress(OSError):
+        outbox.send(("quit",))
+    outbox.close()
+    try:
+        process.wait(QUIT_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    inbox.close()
+    memory.unlink()
+    with suppress(BufferError):  # a view of a slot is still alive: the mapping goes with it
+        memory.close()
+
+
+def serve(inbox_fd: int, outbox_fd: int) -> None:
+    """The reader process: answer epochs until told to quit or the training process goes away."""
+    from hpcbnn.data.loader import _Rows  # the child's only hpcbnn import besides this module
+
+    inbox, outbox = Connection(inbox_fd, writable=False), Connection(outbox_fd, readable=False)
+    try:
+        _, info, name, shape = inbox.recv()
+        with open(f"/dev/shm/{name}", "r+b") as f:  # not SharedMemory: its tracker would unlink it at our exit
+            memory = mmap.mmap(f.fileno(), 0)
+        slots = np.ndarray(shape, np.float32, buffer=memory)
+        source = _Rows(info)
+        message: Message | None = inbox.recv()
+        while message is not None and message[0] != "quit":
+            message = _epoch(message, slots, source, inbox, outbox) if message[0] == "epoch" else inbox.recv()
+    except (EOFError, OSError, KeyboardInterrupt):
+        pass  # the training process closed the pipe or is gone
+
+
+def _epoch(message: Message, slots: np.ndarray, source: _Rows, inbox: Connection, outbox: Connection) -> Message | None:
+    """Fill free slots with the epoch's batches in order; returns the next message that is not this epoch's."""
+    _, epoch, index, scale, shift = message
+    free = list(range(len(slots)))
+    for step, rows in enumerate(index):
+        while not free or inbox.poll():
+            message = inbox.recv()
+            if message[0] == "free" and message[1] == epoch:
+                free.append(message[2])
+            elif message[0] in ("epoch", "quit") or message[1] == epoch:  # a new epoch, quit, or our stop
+                return message if message[0] != "stop" else inbox.recv()
+        slot = free.pop(0)
+        try:
+            raw = source.read(rows)
+        except Exception as exc:  # every failure goes back to the training process
+            usage = isinstance(exc, UsageError)  # the loader's own message: the file and what to do
+            outbox.send(("error", epoch, usage, str(exc) if usage else f"{type(exc).__name__}: {exc}"))
+            return inbox.recv()
+        np.multiply(raw, scale, out=slots[slot])  # as Loader._batch: float32(x) * scale + shift
+        np.add(slots[slot], shift, out=slots[slot])
+        outbox.send(("ready", epoch, step, slot))
+    return inbox.recv()
