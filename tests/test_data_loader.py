@@ -5,7 +5,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import socket
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import h5py
@@ -13,9 +18,11 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks.loader import synthetic
 from hpcbnn.data import Loader, augmentation, epoch_order
 from hpcbnn.data.augment import crop, shift_rotate
 from hpcbnn.data.convert import convert_digits
+from hpcbnn.data.reader import ReaderError
 from hpcbnn.errors import UsageError
 from hpcbnn.parallel.grid import ProcessGrid
 from tests.mpi import run_mpi
@@ -185,6 +192,142 @@ def test_a_forked_child_opens_the_file_itself(digits: Path, grid: ProcessGrid) -
         again = next(iter(loader.epoch(0)))
         os._exit(0 if torch.equal(again.x, first.x) and loader.source.pid == os.getpid() else 1)
     assert os.waitpid(pid, 0)[1] == 0
+
+
+def in_process(loader: Loader, epoch: int) -> list:
+    """The epoch as the loader read it in this process before the reader process existed."""
+    with Loader(loader.info.path, loader.info.split, loader.grid, batch_size=loader.batch_size, seed=loader.seed,
+                shuffle=loader.shuffle, drop_last=loader.drop_last, prefetch=0, preload=False) as reference:
+        return list(reference.epoch(epoch))
+
+
+def assert_same_batches(got: list, expected: list) -> None:
+    assert len(got) == len(expected) > 0
+    for a, b in zip(got, expected):
+        assert a.step == b.step and a.rows == b.rows
+        for key in ("x", "y", "index", "valid"):
+            assert torch.equal(getattr(a, key), getattr(b, key)), (a.step, key)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """uint8 3x32x32 images: the reader normalises another stored dtype than the float32 digits."""
+    return synthetic(tmp_path_factory.mktemp("images") / "images.h5", 700)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("data, batch_size, drop_last, shuffle, prefetch",
+                         [("digits", 64, True, True, 2), ("digits", 50, False, True, 1),
+                          ("digits", 100, False, False, 3), ("images", 96, False, True, 2)])
+def test_the_reader_process_yields_the_in_process_batches(request: pytest.FixtureRequest, grid: ProcessGrid, data: str,
+                                                          batch_size: int, drop_last: bool, shuffle: bool,
+                                                          prefetch: int) -> None:
+    with Loader(request.getfixturevalue(data), "train", grid, batch_size=batch_size, seed=5, shuffle=shuffle, drop_last=drop_last,
+                prefetch=prefetch, preload=False) as loader:
+        for epoch in (0, 1, 2):  # one reader process serves every epoch
+            assert_same_batches(list(loader.epoch(epoch)), in_process(loader, epoch))
+            assert loader.reader is not None and loader.reader.process.poll() is None
+        if not drop_last:
+            assert not bool(list(loader.epoch(0))[-1].valid.all())  # fill-up rows were compared too
+
+
+@pytest.mark.timeout(120)
+def test_stopping_mid_epoch_leaves_the_reader_ready_for_the_next(digits: Path, grid: ProcessGrid) -> None:
+    with Loader(digits, "train", grid, batch_size=32, seed=1, prefetch=2, preload=False) as loader:
+        batches = loader.epoch(0)
+        assert [next(batches).step for _ in range(3)] == [0, 1, 2]
+        batches.close()
+        abandoned = loader.epoch(1)
+        next(abandoned)
+        assert_same_batches(list(loader.epoch(2)), in_process(loader, 2))  # supersedes the unfinished epoch 1
+        with pytest.raises(ReaderError, match="superseded"):
+            list(abandoned)
+
+
+@pytest.mark.timeout(60)
+def test_a_killed_reader_process_fails_the_epoch_instead_of_hanging(digits: Path, grid: ProcessGrid) -> None:
+    loader = Loader(digits, "train", grid, batch_size=16, prefetch=2, preload=False)
+    batches = loader.epoch(0)
+    next(batches)
+    assert loader.reader is not None
+    os.kill(loader.reader.process.pid, signal.SIGKILL)
+    with pytest.raises(ReaderError, match=rf"reader process of /train/x of {digits} exited with code -9"):
+        list(batches)
+    loader.close()
+
+
+@pytest.mark.timeout(60)
+def test_close_stops_the_reader_and_unlinks_its_shared_memory(digits: Path, grid: ProcessGrid) -> None:
+    loader = Loader(digits, "train", grid, batch_size=16, prefetch=2, preload=False)
+    next(loader.epoch(0))
+    assert loader.reader is not None
+    shm = Path("/dev/shm") / loader.reader.memory.name
+    assert shm.exists() and loader.reader.process.poll() is None
+    loader.close()
+    assert not shm.exists() and loader.reader.process.returncode == 0
+
+
+@pytest.mark.timeout(60)
+def test_interpreter_exit_stops_the_reader_and_unlinks_its_shared_memory(digits: Path) -> None:
+    program = ("from hpcbnn.data import Loader; from hpcbnn.parallel.grid import ProcessGrid\n"
+               f"loader = Loader({str(digits)!r}, 'train', ProcessGrid(device='cpu'), batch_size=16, preload=False)\n"
+               "next(loader.epoch(0)); print(loader.reader.memory.name, loader.reader.process.pid)")
+    r = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=50)
+    assert r.returncode == 0, r.stderr
+    name, pid = r.stdout.split()
+    assert not (Path("/dev/shm") / name).exists()
+    assert not Path(f"/proc/{pid}").exists()
+
+
+def test_the_reader_process_imports_no_mpi() -> None:
+    """What the reader process imports (hpcbnn.data.reader.serve) must not initialise MPI under mpirun."""
+    program = "import sys, hpcbnn.data.reader, hpcbnn.data.loader; print([m for m in sys.modules if m.split('.')[0] in ('mpi4py', 'horovod')])"
+    r = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
+
+
+@pytest.mark.timeout(60)
+def test_the_reader_process_retries_a_read_while_the_file_is_briefly_gone(digits: Path, tmp_path: Path,
+                                                                          grid: ProcessGrid, capfd) -> None:
+    path, away = tmp_path / "data.h5", tmp_path / "elsewhere.h5"
+    path.write_bytes(digits.read_bytes())
+    loader = Loader(path, "train", grid, batch_size=32, preload=False, prefetch=2)
+    os.replace(path, away)
+    announced = []
+
+    def put_back_after_a_failure() -> None:
+        while not any("failed" in err for err in announced):
+            announced.append(capfd.readouterr().err)
+            time.sleep(0.05)
+        os.replace(away, path)
+
+    helper = threading.Thread(target=put_back_after_a_failure)
+    helper.start()
+    batch = next(loader.epoch(0))  # the reader process opens the file at its first read
+    helper.join()
+    assert f"rank 0 on {socket.gethostname()}: reading /train/x of {path} failed" in "".join(announced)
+    assert torch.equal(batch.x, in_process(loader, 0)[0].x)
+    loader.close()
+
+
+def test_the_preload_limit_decides_between_preloading_and_streaming(digits: Path, grid: ProcessGrid) -> None:
+    info = Loader(digits, "train", grid, batch_size=32, preload=False).info
+    split = info.n * info.x_dtype.itemsize * int(np.prod(info.input_shape))
+    assert Loader(digits, "train", grid, batch_size=32, preload_limit=split).preloaded
+    assert not Loader(digits, "train", grid, batch_size=32, preload_limit=split - 1).preloaded
+
+
+@pytest.mark.timeout(300)
+def test_the_loader_benchmark_reports_the_stall_as_json() -> None:
+    r = subprocess.run([sys.executable, "-m", "benchmarks.loader", "--n", "800", "--batch", "32", "--steps", "16",
+                        "--compute_ms", "2"], capture_output=True, text=True, timeout=280,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result["file_mib"] == pytest.approx(4 * result["preload_limit_mib"], rel=0.01)
+    assert result["target"] == 0.05
+    assert set(result["stall"]) == {"stream", "stream+prefetch", "reader", "preload", "preload+prefetch"}
+    assert all(0 <= s["2"] < 1 for s in result["stall"].values())
 
 
 def test_epoch_order_cuts_a_seeded_permutation() -> None:
