@@ -100,6 +100,26 @@ def test_analytic_logistic_regression_equals_the_traced_program() -> None:
     torch.testing.assert_close(likelihood_only + prior, fast(theta)[0])
 
 
+@pytest.mark.parametrize("chains", [1, 3])
+def test_logistic_regression_blocks_match_autograd_in_float64(chains: int) -> None:
+    """Both passes (NumPy on the CPU, torch on accelerators), blocks that do not divide the
+    rows, and logits in the hundreds (exp overflows float32 past 88): autograd's value and gradient."""
+    x, y = models.covertype_shaped(100, 777, seed=3, dtype=F64)
+    fast = models.LogisticRegression(x, y, block_logits=150)
+    theta = 10.0 * torch.randn(chains, x.shape[1], dtype=F64, generator=torch.Generator().manual_seed(0))
+    theta_ = theta.clone().requires_grad_(True)
+    z = theta_ @ x.T
+    expected = (y * z - torch.logaddexp(torch.zeros_like(z), z)).sum(-1) - 0.5 * (theta_**2).sum(-1)
+    expected = expected - 0.5 * x.shape[1] * math.log(2 * math.pi)
+    (grad,) = torch.autograd.grad(expected.sum(), theta_)
+    assert z.abs().max() > 200
+    lp, g = fast(theta)
+    torch.testing.assert_close(lp, expected.detach(), rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(g, grad, rtol=1e-12, atol=1e-9)
+    for a, b in zip(fast.numpy_pass(0.5 * theta), fast.torch_pass(0.5 * theta)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-9)
+
+
 def test_covertype_shaped_data_is_the_same_whatever_the_split() -> None:
     x, y = models.covertype_shaped(5000, 30000, seed=1)
     parts = [models.covertype_shaped(*models.shard_rows(25000, r, 3), seed=1)
