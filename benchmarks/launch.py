@@ -8,9 +8,10 @@ import sys
 from pathlib import Path
 
 
-def mpirun(ranks: int) -> list[str]:
-    """mpirun for `ranks` processes on this machine: oversubscribed, unbound (more ranks than cores)."""
-    prefix = ["mpirun", "--oversubscribe", "--bind-to", "none", "-np", str(ranks)]
+def mpirun(ranks: int, bind_to: str = "none") -> list[str]:
+    """mpirun for `ranks` processes on this machine: oversubscribed, unbound by default (more ranks
+    than cores); `bind_to="core"` pins each rank to its own core, for timings with ranks <= cores."""
+    prefix = ["mpirun", "--oversubscribe", "--bind-to", bind_to, "-np", str(ranks)]
     if os.geteuid() == 0:
         prefix.insert(1, "--allow-run-as-root")
     return prefix

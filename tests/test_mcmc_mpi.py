@@ -8,13 +8,17 @@ chains add in another order; the differences stay around 1e-10 here.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from hpcbnn.mcmc.results import load
-from tests.mpi import run_mpi
+from tests.mpi import ROOT, run_mpi
 
 pytestmark = pytest.mark.mpi
 
@@ -67,3 +71,22 @@ def test_usage_errors_stop_every_rank_with_one_line(args: list[str], message: st
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if "hpcbnn.mcmc: error" in line]
     assert len(lines) == 1 and message in lines[0], result.output
+
+
+def test_benchmark_smoke_prints_the_tables_and_one_json_line() -> None:
+    """`python -m benchmarks.mcmc --smoke`: 1 and 8 chains, NumPyro when installed, and the
+    data split timed under mpirun on 1 and 2 ranks (no durations asserted)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "benchmarks.mcmc", "--smoke"], capture_output=True,
+                          text=True, timeout=600, cwd=ROOT, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "| chains | hpcbnn ms/step" in done.stdout and "| ranks | chains |" in done.stdout
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["bandwidth_limit_ms"] > 0
+    assert [row["chains"] for row in report["chains"]] == [1, 8]
+    for row in report["chains"]:
+        assert row["hpcbnn"]["ms_per_step"] > 0 and row["hpcbnn"]["ms_per_ess"] > 0 and row["step_vs_limit"] > 0
+        if row["numpyro"] is not None:
+            assert row["numpyro"]["ms_per_ess"] > 0 and row["ess_time_vs_numpyro"] > 0
+    assert [(r["ranks"], r["chains"]) for r in report["ranks"]] == [(1, 1), (1, 8), (2, 1), (2, 8)]
+    assert all(r["efficiency"] > 0 for r in report["ranks"])
