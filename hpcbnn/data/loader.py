@@ -12,7 +12,6 @@ the same number of steps and nobody waits forever in a collective.
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 from collections.abc import Callable, Iterator
@@ -21,14 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-import h5py
 import numpy as np
 import torch
 
-from hpcbnn.data.format import DatasetInfo, open_dataset, open_h5
-from hpcbnn.data.reader import Reader
+from hpcbnn.data.format import open_dataset, open_h5
+from hpcbnn.data.reader import Reader, Rows
 from hpcbnn.errors import UsageError
-from hpcbnn.retry import retrying
 
 T = TypeVar("T")
 AUTO_PRELOAD_BYTES = 1 << 30  # above this a rank streams from the file unless preload=True
@@ -55,75 +52,6 @@ def epoch_order(
     order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
     steps = n // batch_size if drop_last else -(-n // batch_size)
     return np.resize(order, steps * batch_size).reshape(steps, batch_size)
-
-
-def read_rows(x: h5py.Dataset, sorted_index: np.ndarray, gap: int) -> np.ndarray:
-    """Rows `sorted_index` of `x` in few contiguous reads: runs closer than `gap` rows share one.
-
-    A read of a few unwanted rows inside the same chunk costs less than another HDF5 call
-    (which decodes and checksums that chunk again).
-    """
-    out = np.empty((len(sorted_index),) + x.shape[1:], x.dtype)
-    breaks = np.flatnonzero(np.diff(sorted_index) > gap) + 1
-    for s, e in zip(np.r_[0, breaks].tolist(), np.r_[breaks, len(sorted_index)].tolist()):
-        lo, hi = int(sorted_index[s]), int(sorted_index[e - 1]) + 1
-        block = x[lo:hi]
-        out[s:e] = block if hi - lo == e - s else block[sorted_index[s:e] - lo]
-    return out
-
-
-class _Rows:
-    """The split's inputs for this process: a lazily opened file (never one inherited
-    across fork: it reopens when the process id changes) or rows preloaded into memory."""
-
-    def __init__(self, info: DatasetInfo) -> None:
-        self.info = info
-        self.pid = -1
-        self.file: h5py.File | None = None
-        self.memory: np.ndarray | None = None
-        self.held: np.ndarray | None = None  # sorted global indices of the rows in memory; None: all
-
-    def dataset(self) -> h5py.Dataset:
-        if self.file is None or self.pid != os.getpid():
-            self.file, self.pid = open_h5(self.info.path), os.getpid()
-        return self.file[self.info.split]["x"]
-
-    def preload(self, needed: np.ndarray | None) -> None:
-        """Hold rows `needed` (sorted, unique; None: all) in memory."""
-        self.held = needed
-        self.memory = self._read_file(np.arange(self.info.n) if needed is None else needed)
-
-    def read(self, index: np.ndarray) -> np.ndarray:
-        """Rows `index`, in that order."""
-        if self.memory is not None:
-            return self.memory[index if self.held is None else np.searchsorted(self.held, index)]
-        sort = np.argsort(index, kind="stable")
-        rows = np.empty((len(index),) + self.info.input_shape, self.info.x_dtype)
-        rows[sort] = self._read_file(index[sort])
-        return rows
-
-    def _read_file(self, sorted_index: np.ndarray) -> np.ndarray:
-        def read() -> np.ndarray:
-            try:
-                x = self.dataset()
-                return read_rows(x, sorted_index, x.chunks[0] if x.chunks else 1)
-            except OSError:
-                self.close()  # the next attempt reopens the file: a stale handle (NFS ESTALE) stays stale
-                raise
-
-        try:
-            return retrying(read, f"/{self.info.split}/x of {self.info.path}")
-        except OSError as exc:
-            raise UsageError(
-                f"{self.info.path}: cannot read /{self.info.split}/x ({exc}); the "
-                f"file is damaged, re-convert or copy it again",
-                collective=False,
-            ) from None
-
-    def close(self) -> None:
-        if self.file is not None and self.pid == os.getpid():
-            self.file.close()
-        self.file = None
 
 
 def available_memory() -> int:
@@ -179,7 +107,7 @@ class Loader:
         # Called on every rank before each batch is handed out (the same number of times on all of
         # them): where a run that reads a whole split in one go checks for a stop request.
         self.between_batches: Callable[[], None] | None = None
-        self.source = _Rows(self.info)
+        self.source = Rows(self.info)
         self.y = self._targets()
         shape = (-1,) + (1,) * (len(self.info.input_shape) - 1)
         self.scale = torch.from_numpy(1.0 / self.info.std).float().reshape(shape)
@@ -256,12 +184,12 @@ class Loader:
         child starts its own), normalised there exactly as `_batch` does."""
         if self.reader is None or not self.reader.alive:
             self.reader = Reader(self.info, local.shape[1], self.prefetch, self.grid.timeout)
-        xs = self.reader.batches(local, self.scale, self.shift)
+        xs = self.reader.batches(local, self.scale.numpy(), self.shift.numpy())
 
         def assembled() -> Iterator[Batch]:
             with closing(xs):  # stopped early: the reader hears of it now, not at garbage collection
                 for t, x in enumerate(xs):
-                    yield self._assemble(t, x, local[t], valid[t])
+                    yield self._assemble(t, torch.from_numpy(x), local[t], valid[t])
 
         return assembled()
 
