@@ -1,16 +1,19 @@
 """What do S weight samples cost? One Bayesian training step vs the deterministic net on S*B.
 
-    python -m benchmarks.layers [--threads 2] [--models mlp vit] [--samples 16] [--batch 128]
+    python -m benchmarks.layers [--threads 2] [--models mlp vit] [--estimators reparam flipout local]
+                                [--samples 16] [--batch 128]
 
-For each model (the MLP 784-1024-1024-10 and the small ViT for 32x32 images) it times one
-training step (forward, backward, fused Adam step) of the Bayesian network with S samples on a
-batch of B, against the same deterministic network on a batch of S*B (the same FLOPs),
+For each model (the MLP 784-1024-1024-10 with every estimator, the small ViT for 32x32 images
+with reparam) it times one training step (forward, backward, fused Adam step) of the Bayesian
+network with S samples on a batch of B, against the same deterministic network on a batch of
+S*B (the same FLOPs for reparam; flipout and local do two products per layer, hence their goals),
 alternating the two in one process and taking medians of wall time and of CPU time
 (all threads; the fairer ratio when other jobs share the cores). Peak memory: each variant runs its
 steps again in a fresh subprocess, which reports its peak resident set size
 (VmHWM) and the resident size just before the model was built; the ratio of the differences is the
 memory the step itself needs (parameters, optimizer state, activations, weight samples),
-the ratio of the peaks what the whole process needs. Targets: time <= 1.5, memory <= 1.2.
+the ratio of the peaks what the whole process needs. Time goals (issue 13): MLP reparam 1.5,
+flipout 2.5, local 2.2; ViT reparam 1.5. The last line is JSON: {"rows": [...], "chunks": [...]}.
 
 Sample chunks (`--sample_chunk` of hpcbnn.train): the Bayesian step again with its S samples
 evaluated c at a time (the ELBO of each chunk weighted by c/S, backward per chunk: the same
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -32,12 +36,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from hpcbnn.bnn.bayesianize import bayesianize
-from hpcbnn.bnn.layers import kl_divergence
+from hpcbnn.bnn.layers import ESTIMATORS, kl_divergence
 from hpcbnn.bnn.models import mlp, small_vit
 from hpcbnn.bnn.noise import sampling
 from hpcbnn.bnn.objectives import categorical_loglik, elbo_loss
 
 N_TRAIN = 50_000
+GOALS = {("mlp", "reparam"): 1.5, ("mlp", "flipout"): 2.5, ("mlp", "local"): 2.2, ("vit", "reparam"): 1.5}
 
 
 def build(model: str) -> tuple[nn.Module, tuple[int, ...]]:
@@ -49,10 +54,12 @@ def build(model: str) -> tuple[nn.Module, tuple[int, ...]]:
 class Step:
     """One optimizer step of a deterministic (batch S*B) or Bayesian (S samples x B) network."""
 
-    def __init__(self, model: str, bayesian: bool, samples: int, batch: int, chunk: int = 0) -> None:
+    def __init__(
+        self, model: str, bayesian: bool, samples: int, batch: int, chunk: int = 0, estimator: str = "reparam"
+    ) -> None:
         torch.manual_seed(0)
         net, shape = build(model)
-        self.net = bayesianize(net) if bayesian else net
+        self.net = bayesianize(net, estimator=estimator) if bayesian else net
         self.bayesian, self.samples, self.batch, self.chunk = bayesian, samples, batch, chunk or samples
         rows = batch if bayesian else samples * batch
         self.x = torch.randn(rows, *shape)
@@ -85,18 +92,20 @@ def status_kib(field: str) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
-def child(model: str, bayesian: bool, samples: int, batch: int, steps: int, chunk: int = 0) -> None:
+def child(model: str, bayesian: bool, samples: int, batch: int, steps: int, chunk: int, estimator: str) -> None:
     """Run in a fresh process: print the resident size before the model and the peak after `steps`."""
     before = status_kib("VmRSS")
-    step = Step(model, bayesian, samples, batch, chunk)
+    step = Step(model, bayesian, samples, batch, chunk, estimator)
     for _ in range(steps):
         step()
     peak = status_kib("VmHWM")
     print(json.dumps({"before_kib": before, "peak_kib": peak}))
 
 
-def memory(model: str, bayesian: bool, args: argparse.Namespace, chunk: int = 0) -> dict[str, int]:
-    cmd = [sys.executable, "-m", "benchmarks.layers", "--child", model, str(int(bayesian)),
+def memory(
+    model: str, bayesian: bool, args: argparse.Namespace, chunk: int = 0, estimator: str = "reparam"
+) -> dict[str, int]:
+    cmd = [sys.executable, "-m", "benchmarks.layers", "--child", model, str(int(bayesian)), estimator,
            "--threads", str(args.threads), "--samples", str(args.samples), "--batch", str(args.batch),
            "--chunk", str(chunk)]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
@@ -104,9 +113,9 @@ def memory(model: str, bayesian: bool, args: argparse.Namespace, chunk: int = 0)
     return json.loads(out.strip().splitlines()[-1])
 
 
-def compare(model: str, args: argparse.Namespace) -> dict[str, float]:
+def compare(model: str, estimator: str, args: argparse.Namespace) -> dict[str, float]:
     det = Step(model, False, args.samples, args.batch)
-    bayes = Step(model, True, args.samples, args.batch)
+    bayes = Step(model, True, args.samples, args.batch, estimator=estimator)
     det(), bayes()  # warm-up: allocator, thread pools
     times: dict[str, list[tuple[float, float]]] = {"det": [], "bayes": []}
     for _ in range(args.repeats):
@@ -115,12 +124,13 @@ def compare(model: str, args: argparse.Namespace) -> dict[str, float]:
     del det, bayes
     t_det, t_bayes = (statistics.median(t for t, _ in times[v]) for v in ("det", "bayes"))
     c_det, c_bayes = (statistics.median(c for _, c in times[v]) for v in ("det", "bayes"))
-    m_det, m_bayes = memory(model, False, args), memory(model, True, args)
+    m_det, m_bayes = memory(model, False, args), memory(model, True, args, estimator=estimator)
 
     def step_mib(m: dict[str, int]) -> float:
         return (m["peak_kib"] - m["before_kib"]) / 1024
 
-    return {"t_det": t_det, "t_bayes": t_bayes, "time_ratio": t_bayes / t_det, "cpu_ratio": c_bayes / c_det,
+    return {"model": model, "estimator": estimator, "goal": GOALS.get((model, estimator), math.nan),
+            "t_det": t_det, "t_bayes": t_bayes, "time_ratio": t_bayes / t_det, "cpu_ratio": c_bayes / c_det,
             "mem_det": step_mib(m_det), "mem_bayes": step_mib(m_bayes),
             "mem_ratio": step_mib(m_bayes) / step_mib(m_det),
             "peak_det": m_det["peak_kib"] / 1024, "peak_bayes": m_bayes["peak_kib"] / 1024,
@@ -149,30 +159,39 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads (default: all)")
     parser.add_argument("--models", nargs="+", choices=("mlp", "vit"), default=["mlp", "vit"])
+    parser.add_argument("--estimators", nargs="+", choices=ESTIMATORS, default=list(ESTIMATORS),
+                        help="the MLP's estimators (the ViT runs reparam)")
     parser.add_argument("--samples", type=int, default=16, help="S, Monte-Carlo samples per step")
     parser.add_argument("--batch", type=int, default=128, help="B, examples per step")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per variant (median)")
     parser.add_argument("--chunk", type=int, default=0, help="the sample chunk to compare with c = S (default S/4)")
-    parser.add_argument("--child", nargs=2, metavar=("MODEL", "BAYESIAN"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=3, metavar=("MODEL", "BAYESIAN", "ESTIMATOR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.child:
-        child(args.child[0], bool(int(args.child[1])), args.samples, args.batch, steps=2, chunk=args.chunk)
+        child(args.child[0], bool(int(args.child[1])), args.samples, args.batch, 2, args.chunk, args.child[2])
         return
     print(f"S={args.samples} B={args.batch}, {args.threads} threads; deterministic net on a batch of "
           f"{args.samples * args.batch}; time: median of {args.repeats} alternating steps; "
           f"memory: step = peak RSS - RSS before the model, peak = whole process")
-    print(f"{'model':6} {'det s':>8} {'bayes s':>8} {'time x':>7} {'cpu x':>6} {'det MiB':>8} {'bayes MiB':>9} "
-          f"{'step mem x':>10} {'peak x':>7}")
+    print(f"{'model':6} {'estimator':9} {'det s':>8} {'bayes s':>8} {'time x':>7} {'goal':>5} {'cpu x':>6} "
+          f"{'det MiB':>8} {'bayes MiB':>9} {'step mem x':>10} {'peak x':>7}")
+    rows = []
     for model in args.models:
-        r = compare(model, args)
-        print(f"{model:6} {r['t_det']:8.3f} {r['t_bayes']:8.3f} {r['time_ratio']:7.2f} {r['cpu_ratio']:6.2f} "
-              f"{r['mem_det']:8.0f} {r['mem_bayes']:9.0f} {r['mem_ratio']:10.2f} {r['peak_ratio']:7.2f}", flush=True)
+        for estimator in args.estimators if model == "mlp" else ["reparam"]:
+            r = compare(model, estimator, args)
+            rows.append(r)
+            print(f"{model:6} {estimator:9} {r['t_det']:8.3f} {r['t_bayes']:8.3f} {r['time_ratio']:7.2f} "
+                  f"{r['goal']:5.1f} {r['cpu_ratio']:6.2f} {r['mem_det']:8.0f} {r['mem_bayes']:9.0f} "
+                  f"{r['mem_ratio']:10.2f} {r['peak_ratio']:7.2f}", flush=True)
     print(f"sample chunks: the Bayesian step with its S={args.samples} samples evaluated c at a time (same gradient)")
     print(f"{'model':6} {'c':>4} {'step s':>8} {'step MiB':>9}")
+    chunk_rows = []
     for model in args.models:
         for row in chunks(model, args):
+            chunk_rows.append({"model": model, **row})
             print(f"{model:6} {row['chunk']:4d} {row['step_s']:8.3f} {row['step_mib']:9.0f}", flush=True)
+    print(json.dumps({"rows": rows, "chunks": chunk_rows}))
 
 
 if __name__ == "__main__":

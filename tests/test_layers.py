@@ -184,6 +184,26 @@ def test_reparam_linear_gradient_equals_a_loop_over_samples():
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("shape", [(3, 5), (3, 2, 5)])
+def test_flipout_linear_fast_path_equals_the_generic_flipout(shape):
+    """BayesianLinear's flipout (perturbation through the fused function) gives the generic
+    estimator's outputs and gradients, for inputs with and without a token axis."""
+    from hpcbnn.bnn.layers import BayesianModule
+
+    layer = make("linear", "flipout")
+    x = torch.randn(*shape, dtype=D64, generator=torch.Generator().manual_seed(3))
+    results = []
+    for flipout in (layer.flipout, lambda t: BayesianModule.flipout(layer, t)):
+        xg = stack(x, 4).requires_grad_()
+        layer.zero_grad()
+        with sampling(0, 1, range(4)):
+            out = flipout(xg)
+        (out ** 3).sum().backward()
+        results.append([out.detach(), xg.grad] + [p.grad.clone() for p in layer.parameters()])
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
 def test_two_forwards_before_one_backward_keep_their_own_noise():
     layer, x = make("linear"), inputs("linear", 2)
     with sampling(0, 1, [0, 1]):

@@ -239,9 +239,9 @@ class BayesianModule(KLTerm):
         dw, b = self.perturbation()
         d = self.channel_dim % x.dim()
         n_in, n_out = x.shape[d], self.weight_mu.shape[0]
-        shape = [1] * (x.dim() - 1)
-        shape[d - 1] = n_in + n_out
-        signs = example_noise(self.noise_key, x.shape[0], shape, x.dtype, x.device, kind="sign")
+        signs = example_noise(
+            self.noise_key, x.shape[0], _sign_shape(x, d, n_in + n_out), x.dtype, x.device, kind="sign"
+        )
         s_in, s_out = signs.split([n_in, n_out], dim=d)
         out = torch.addcmul(self.op(x, self.weight_mu, None), self.batched_op(x * s_in, dw, None), s_out)
         return out if b is None else _add_sample_bias(out, b, channel_dim=d)
@@ -331,6 +331,39 @@ class BayesianLinear(BayesianModule):
         )
         return y.reshape(*x.shape[:-1], self.out_features)
 
+    def flipout(self, x: Tensor) -> Tensor:
+        """The generic flipout, with its perturbation through `_ReparamLinear` (mu = None): the
+        k perturbations sigma * eps_s are neither kept nor reduced by autograd."""
+        eps_w, eps_b = self.noise(reuse=True)
+        k = eps_w.shape[0]
+        signs = example_noise(
+            self.noise_key,
+            x.shape[0],
+            _sign_shape(x, x.dim() - 1, self.in_features + self.out_features),
+            x.dtype,
+            x.device,
+            kind="sign",
+        )
+        s_in, s_out = signs.split([self.in_features, self.out_features], dim=-1)
+        dy = _ReparamLinear.apply(
+            (x * s_in).reshape(k, -1, self.in_features),
+            None,
+            F.softplus(self.weight_rho),
+            eps_w,
+            None,
+            self if torch.is_grad_enabled() else None,
+        )
+        out = torch.addcmul(F.linear(x, self.weight_mu), dy.reshape(*x.shape[:-1], self.out_features), s_out)
+        b = self.sample_bias(eps_b)
+        return out if b is None else _add_sample_bias(out, b, channel_dim=x.dim() - 1)
+
+
+def _sign_shape(x: Tensor, channel_dim: int, channels: int) -> list[int]:
+    """Flipout's per-example sign shape: `channels` along `channel_dim`, broadcast over the rest of an example."""
+    shape = [1] * (x.dim() - 1)
+    shape[channel_dim - 1] = channels
+    return shape
+
 
 def _add_sample_bias(out: Tensor, b: Tensor, channel_dim: int) -> Tensor:
     """out [k*B, ...] + each sample's bias b [k, C] along out's (non-negative) `channel_dim`."""
@@ -352,7 +385,8 @@ def batched_linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
 
 
 class _ReparamLinear(torch.autograd.Function):
-    """y_s = x_s (mu + sigma * eps_s)^T + b_s, one bmm for all k samples, lean in memory and passes.
+    """y_s = x_s (mu + sigma * eps_s)^T + b_s, one bmm for all k samples, lean in memory and passes
+    (mu = None: the perturbation x_s (sigma * eps_s)^T alone, as flipout needs it).
 
     Autograd would keep the k weight copies and eps and reduce the broadcast gradient with
     out-of-place products; here only eps is saved, the weights are rebuilt in backward in
@@ -363,13 +397,19 @@ class _ReparamLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any, x3: Tensor, mu: Tensor, sigma: Tensor, eps: Tensor, bias: Tensor | None, layer: BayesianModule | None
+        ctx: Any,
+        x3: Tensor,
+        mu: Tensor | None,
+        sigma: Tensor,
+        eps: Tensor,
+        bias: Tensor | None,
+        layer: BayesianModule | None,
     ) -> Tensor:
-        w = torch.addcmul(mu, sigma, eps, out=_workspace(eps))
+        w = _weights(mu, sigma, eps, _workspace(eps))
         wt = w.transpose(1, 2)
         y = torch.bmm(x3, wt) if bias is None else torch.baddbmm(bias.unsqueeze(1), x3, wt)
         ctx.save_for_backward(x3, mu, sigma, eps)
-        ctx.has_bias = bias is not None
+        ctx.has_mu, ctx.has_bias = mu is not None, bias is not None
         ctx.layer, ctx.lease = layer, object()
         if layer is not None:
             layer._lease = ctx.lease
@@ -383,15 +423,20 @@ class _ReparamLinear(torch.autograd.Function):
         work = _workspace(eps)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.bmm(grad, torch.addcmul(mu, sigma, eps, out=work))
+            grad_x = torch.bmm(grad, _weights(mu if ctx.has_mu else None, sigma, eps, work))
         grad_w = torch.bmm(grad.transpose(1, 2), x3, out=work).view(k, -1)
         ones = grad_w.new_ones(1, k)
-        grad_mu = (ones @ grad_w).view_as(mu)
+        grad_mu = (ones @ grad_w).view_as(sigma) if ctx.has_mu else None
         grad_sigma = (ones @ grad_w.mul_(eps.reshape(k, -1))).view_as(sigma)
         grad_bias = grad.sum(1) if ctx.has_bias else None
         if ctx.layer is not None and ctx.layer._lease is ctx.lease:
             ctx.layer._lease = None
         return grad_x, grad_mu, grad_sigma, None, grad_bias, None
+
+
+def _weights(mu: Tensor | None, sigma: Tensor, eps: Tensor, out: Tensor) -> Tensor:
+    """mu + sigma * eps_s for the k samples (sigma * eps_s without mu), written into `out`."""
+    return torch.mul(sigma, eps, out=out) if mu is None else torch.addcmul(mu, sigma, eps, out=out)
 
 
 class _Workspace(threading.local):
