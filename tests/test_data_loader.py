@@ -22,7 +22,7 @@ from benchmarks.loader import synthetic
 from hpcbnn.data import Loader, augmentation, epoch_order
 from hpcbnn.data.augment import crop, shift_rotate
 from hpcbnn.data.convert import convert_digits
-from hpcbnn.data.reader import ReaderError
+from hpcbnn.data.reader import ReaderError, shared_memory_free
 from hpcbnn.errors import UsageError
 from hpcbnn.parallel.grid import ProcessGrid
 from tests.mpi import run_mpi
@@ -314,6 +314,16 @@ def test_the_reader_process_retries_a_read_while_the_file_is_briefly_gone(digits
     assert f"rank 0 on {socket.gethostname()}: reading /train/x of {path} failed" in "".join(announced)
     assert torch.equal(batch.x, in_process(loader, 0)[0].x)
     loader.close()
+
+
+@pytest.mark.timeout(60)
+def test_without_room_in_dev_shm_the_loader_reads_in_this_process(digits: Path, grid: ProcessGrid, capfd) -> None:
+    batch = 32  # a prefetch whose slots exceed /dev/shm's free space (sparse: nothing is allocated)
+    deep = shared_memory_free() // (4 * batch * 64) + 1  # digits are 1x8x8
+    with Loader(digits, "train", grid, batch_size=batch, prefetch=deep, preload=False) as loader:
+        assert_same_batches(list(loader.epoch(0)), in_process(loader, 0))
+        assert loader.reader is None and not loader.reader_process
+    assert "/dev/shm has" in capfd.readouterr().err
 
 
 def test_the_preload_limit_decides_between_preloading_and_streaming(digits: Path, grid: ProcessGrid) -> None:

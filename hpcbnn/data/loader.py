@@ -13,6 +13,7 @@ the same number of steps and nobody waits forever in a collective.
 from __future__ import annotations
 
 import queue
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import closing
@@ -24,8 +25,8 @@ import numpy as np
 import torch
 
 from hpcbnn.data.format import open_dataset, open_h5
-from hpcbnn.data.reader import Reader, Rows
-from hpcbnn.errors import UsageError
+from hpcbnn.data.reader import Reader, Rows, shared_memory_free
+from hpcbnn.errors import UsageError, world_rank
 
 T = TypeVar("T")
 AUTO_PRELOAD_BYTES = 1 << 30  # above this a rank streams from the file unless preload=True
@@ -164,7 +165,7 @@ class Loader:
         order = self.order(epoch)
         valid = (np.arange(order.size) < self.info.n).reshape(order.shape)[:, self.rows]
         local = order[:, self.rows]
-        if self.prefetch > 0 and self.reader_process and not self.preloaded:
+        if self.prefetch > 0 and self.reader_process and not self.preloaded and self._reader_fits(local.shape[1]):
             batches = self._streamed(local, valid)
         else:
             batches = (self._batch(t, local[t], valid[t]) for t in range(len(local)))
@@ -178,6 +179,24 @@ class Loader:
     def _assemble(self, step: int, x: torch.Tensor, index: np.ndarray, valid: np.ndarray) -> Batch:
         index_t = torch.from_numpy(index.astype(np.int64))
         return Batch(x=x, y=self.y[index_t], index=index_t, rows=self.rows, valid=torch.from_numpy(valid), step=step)
+
+    def _reader_fits(self, rows: int) -> bool:
+        """Whether /dev/shm holds the reader's slots for every rank of the node; if not, say so
+        once and read in this process from now on (the same batches, only slower)."""
+        if self.reader is not None and self.reader.alive:
+            return True
+        need, free = Reader.size(self.info, rows, self.prefetch) * self.grid.local_size, shared_memory_free()
+        if need <= free:
+            return True
+        print(
+            f"hpcbnn: rank {world_rank()}: streaming {self.info.path} through reader processes takes "
+            f"{need / 2**20:.0f} MiB of shared memory on this node, /dev/shm has {free / 2**20:.0f} MiB free; "
+            f"reading in the training process instead (slower, docs/data-format.md)",
+            file=sys.stderr,
+            flush=True,
+        )
+        self.reader_process = False
+        return False
 
     def _streamed(self, local: np.ndarray, valid: np.ndarray) -> Iterator[Batch]:
         """The epoch's batches from the reader process (started now, once per process; a forked

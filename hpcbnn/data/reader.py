@@ -130,14 +130,21 @@ class ReaderError(RuntimeError):
     """The reader process died, failed unexpectedly or stopped answering."""
 
 
+def shared_memory_free() -> int:
+    """Bytes free in /dev/shm, where the slots live: a container's is often only 64 MiB, and
+    writing past its end kills the reader with SIGBUS."""
+    fs = os.statvfs("/dev/shm")
+    return fs.f_bavail * fs.f_frsize
+
+
 class Reader:
-    """The training side: starts the reader process, hands out its batches as tensors."""
+    """The training side: starts the reader process, hands out its batches as float32 arrays."""
 
     def __init__(self, info: DatasetInfo, rows: int, slots: int, timeout: float) -> None:
         self.info, self.timeout = info, timeout
         self.what = f"the reader process of /{info.split}/x of {info.path}"
         shape = (slots, rows, *info.input_shape)
-        self.memory = SharedMemory(create=True, size=4 * int(np.prod(shape)))
+        self.memory = SharedMemory(create=True, size=self.size(info, rows, slots))
         self.slots = np.ndarray(shape, np.float32, buffer=self.memory.buf)
         child_in, to_child = os.pipe()
         from_child, child_out = os.pipe()
@@ -163,6 +170,11 @@ class Reader:
         self.epoch_id, self.pid = 0, os.getpid()
         self._send(("setup", info, self.memory.name, shape))
         self.close = weakref.finalize(self, _shutdown, os.getpid(), self.process, self.outbox, self.inbox, self.memory)
+
+    @staticmethod
+    def size(info: DatasetInfo, rows: int, slots: int) -> int:
+        """Bytes of shared memory for `slots` batches of `rows` normalised rows."""
+        return 4 * slots * rows * int(np.prod(info.input_shape))
 
     def batches(self, index: np.ndarray, scale: np.ndarray, shift: np.ndarray) -> Generator[np.ndarray, None, None]:
         """The normalised inputs of rows `index[t]` for every step t; a new epoch supersedes this one."""
