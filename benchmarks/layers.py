@@ -55,15 +55,23 @@ class Step:
     """One optimizer step of a deterministic (batch S*B) or Bayesian (S samples x B) network."""
 
     def __init__(
-        self, model: str, bayesian: bool, samples: int, batch: int, chunk: int = 0, estimator: str = "reparam"
+        self,
+        model: str,
+        bayesian: bool,
+        samples: int,
+        batch: int,
+        chunk: int = 0,
+        estimator: str = "reparam",
+        device: str = "cpu",
     ) -> None:
         torch.manual_seed(0)
         net, shape = build(model)
-        self.net = bayesianize(net, estimator=estimator) if bayesian else net
+        self.net = (bayesianize(net, estimator=estimator) if bayesian else net).to(device)
+        self.device = torch.device(device)
         self.bayesian, self.samples, self.batch, self.chunk = bayesian, samples, batch, chunk or samples
         rows = batch if bayesian else samples * batch
-        self.x = torch.randn(rows, *shape)
-        self.y = torch.randint(0, 10, (rows,))
+        self.x = torch.randn(rows, *shape, device=device)
+        self.y = torch.randint(0, 10, (rows,), device=device)
         self.opt = torch.optim.Adam(self.net.parameters(), lr=1e-4, fused=True)
         self.t = 0
 
@@ -83,6 +91,8 @@ class Step:
             F.cross_entropy(self.net(self.x), self.y).backward()
         self.opt.step()
         self.t += 1
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         return time.perf_counter() - start, time.process_time() - cpu
 
 
@@ -92,13 +102,17 @@ def status_kib(field: str) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
-def child(model: str, bayesian: bool, samples: int, batch: int, steps: int, chunk: int, estimator: str) -> None:
-    """Run in a fresh process: print the resident size before the model and the peak after `steps`."""
-    before = status_kib("VmRSS")
-    step = Step(model, bayesian, samples, batch, chunk, estimator)
+def child(
+    model: str, bayesian: bool, samples: int, batch: int, steps: int, chunk: int, estimator: str, device: str
+) -> None:
+    """Run in a fresh process: print the resident size before the model and the peak after `steps`
+    (on a GPU: the memory allocated on it, 0 before the model, and its peak)."""
+    cuda = torch.device(device).type == "cuda"
+    before = 0 if cuda else status_kib("VmRSS")
+    step = Step(model, bayesian, samples, batch, chunk, estimator, device)
     for _ in range(steps):
         step()
-    peak = status_kib("VmHWM")
+    peak = torch.cuda.max_memory_allocated(device) // 1024 if cuda else status_kib("VmHWM")
     print(json.dumps({"before_kib": before, "peak_kib": peak}))
 
 
@@ -107,15 +121,15 @@ def memory(
 ) -> dict[str, int]:
     cmd = [sys.executable, "-m", "benchmarks.layers", "--child", model, str(int(bayesian)), estimator,
            "--threads", str(args.threads), "--samples", str(args.samples), "--batch", str(args.batch),
-           "--chunk", str(chunk)]
+           "--chunk", str(chunk), "--device", args.device]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
 def compare(model: str, estimator: str, args: argparse.Namespace) -> dict[str, float]:
-    det = Step(model, False, args.samples, args.batch)
-    bayes = Step(model, True, args.samples, args.batch, estimator=estimator)
+    det = Step(model, False, args.samples, args.batch, device=args.device)
+    bayes = Step(model, True, args.samples, args.batch, estimator=estimator, device=args.device)
     det(), bayes()  # warm-up: allocator, thread pools
     times: dict[str, list[tuple[float, float]]] = {"det": [], "bayes": []}
     for _ in range(args.repeats):
@@ -140,7 +154,7 @@ def compare(model: str, estimator: str, args: argparse.Namespace) -> dict[str, f
 def chunks(model: str, args: argparse.Namespace) -> list[dict[str, float]]:
     """Time (median of alternating steps) and step memory of the Bayesian step at c = S and c = --chunk."""
     sizes = (args.samples, args.chunk or max(1, args.samples // 4))
-    steps = [Step(model, True, args.samples, args.batch, c) for c in sizes]
+    steps = [Step(model, True, args.samples, args.batch, c, device=args.device) for c in sizes]
     for step in steps:
         step()  # warm-up
     times: list[list[float]] = [[], []]
@@ -157,6 +171,7 @@ def chunks(model: str, args: argparse.Namespace) -> list[dict[str, float]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]; on a GPU memory is its peak allocation")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads (default: all)")
     parser.add_argument("--models", nargs="+", choices=("mlp", "vit"), default=["mlp", "vit"])
     parser.add_argument("--estimators", nargs="+", choices=ESTIMATORS, default=list(ESTIMATORS),
@@ -169,11 +184,13 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.child:
-        child(args.child[0], bool(int(args.child[1])), args.samples, args.batch, 2, args.chunk, args.child[2])
+        child(args.child[0], bool(int(args.child[1])), args.samples, args.batch, 2, args.chunk, args.child[2],
+              args.device)
         return
-    print(f"S={args.samples} B={args.batch}, {args.threads} threads; deterministic net on a batch of "
+    where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else f"{args.threads} threads"
+    print(f"S={args.samples} B={args.batch}, {where}; deterministic net on a batch of "
           f"{args.samples * args.batch}; time: median of {args.repeats} alternating steps; "
-          f"memory: step = peak RSS - RSS before the model, peak = whole process")
+          f"memory: step = peak RSS - RSS before the model, peak = whole process (GPU: peak allocated)")
     print(f"{'model':6} {'estimator':9} {'det s':>8} {'bayes s':>8} {'time x':>7} {'goal':>5} {'cpu x':>6} "
           f"{'det MiB':>8} {'bayes MiB':>9} {'step mem x':>10} {'peak x':>7}")
     rows = []
