@@ -1,0 +1,149 @@
+"""Fast counter-based standard normal noise, bit-identical on every CPU, thread count and split.
+
+    fill_normal(out, seeds)     # out: contiguous CPU [k, ...] float32/float64; row j from seeds[j]
+
+Element i of row j is a pure function of (seeds[j], i) and the dtype: Philox4x32-10 keyed by the
+64-bit seed (the generator of Random123, cuRAND and JAX), Box-Muller with our own polynomials
+(normal.c says how they stay bit-exact). So a prefix of a longer row is the shorter row, and
+ranks on different nodes that draw the same (seed, sample) get the same weights.
+
+The C kernel is compiled on first use with the system C compiler ($CC, cc or gcc) into
+$HPCBNN_CACHE/rng (default ~/.cache/hpcbnn/rng), one library per code path, under a file lock
+so that the ranks of a node build it once. The code path is the widest the CPU runs (AVX-512,
+AVX2, baseline SSE2) unless HPCBNN_RNG_ISA names one; "scalar" (no vectorisation) exists to
+check that every path gives the same bits.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+__all__ = ["CompilerNotFound", "fill_normal", "isa"]
+
+_SOURCE = Path(__file__).with_name("normal.c")
+# Value-safe flags only: no contraction into FMA, no reassociation (normal.c relies on it).
+_COMMON = ["-O3", "-ffp-contract=off", "-fno-fast-math", "-fno-math-errno", "-fPIC", "-shared", "-pthread"]
+_X86 = platform.machine().lower() in ("x86_64", "amd64")
+_ISA_FLAGS: dict[str, list[str]] = {
+    "scalar": ["-fno-tree-vectorize", "-fno-tree-slp-vectorize"],
+    "baseline": [],
+    **({"avx2": ["-mavx2"], "avx512": ["-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl"]} if _X86 else {}),
+}
+_ISA_CPU_FLAGS = {"avx2": {"avx2"}, "avx512": {"avx512f", "avx512dq", "avx512bw", "avx512vl"}}
+
+
+class CompilerNotFound(RuntimeError):
+    """No C compiler to build the kernel: the caller may fall back to torch's generator."""
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("HPCBNN_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hpcbnn"
+    return Path(base) / "rng"
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def isa() -> str:
+    """The code path fill_normal uses: $HPCBNN_RNG_ISA, else the widest this CPU runs."""
+    chosen = os.environ.get("HPCBNN_RNG_ISA")
+    if chosen:
+        if chosen not in _ISA_FLAGS:
+            raise ValueError(f"HPCBNN_RNG_ISA={chosen!r}: expected one of {', '.join(_ISA_FLAGS)}")
+        return chosen
+    flags = _cpu_flags()
+    return next(
+        (name for name in ("avx512", "avx2") if name in _ISA_FLAGS and _ISA_CPU_FLAGS[name] <= flags), "baseline"
+    )
+
+
+def _compiler() -> str:
+    for cc in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if cc and shutil.which(cc):
+            return cc
+    raise CompilerNotFound(
+        "hpcbnn.bnn.rng needs a C compiler to build its kernel on first use: install gcc "
+        "(Debian/Ubuntu: apt-get install build-essential) or set CC"
+    )
+
+
+@functools.cache
+def _library(name: str) -> ctypes.CDLL:
+    """The kernel built for code path `name`, compiled once per source, compiler and flags."""
+    cc = _compiler()
+    flags = _COMMON + _ISA_FLAGS[name]
+    source = _SOURCE.read_bytes()
+    tag = hashlib.sha256(source + "\0".join([cc, *flags]).encode()).hexdigest()[:16]
+    cache = _cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    path = cache / f"normal-{name}-{tag}.so"
+    if not path.exists():
+        with open(cache / "build.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not path.exists():  # another rank may have built it while we waited
+                tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+                proc = subprocess.run([cc, *flags, "-o", str(tmp), str(_SOURCE)], capture_output=True, text=True)
+                if proc.returncode:
+                    tmp.unlink(missing_ok=True)
+                    raise RuntimeError(f"building {_SOURCE} with {cc} failed:\n{proc.stderr}")
+                os.replace(tmp, path)
+    lib = ctypes.CDLL(str(path))
+    for fn in (lib.hpcbnn_fill_normal_f32, lib.hpcbnn_fill_normal_f64):
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint64, ctypes.c_int]
+        fn.restype = ctypes.c_int
+    lib.hpcbnn_philox4x32_10.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    lib.hpcbnn_philox4x32_10.restype = None
+    return lib
+
+
+def fill_normal(
+    out: torch.Tensor, seeds: Sequence[int], offset: int = 0, *, isa_name: str | None = None
+) -> torch.Tensor:
+    """Fill each row out[j] (contiguous, k = len(seeds) rows) with standard normal draws from seeds[j].
+
+    Element i of a row is draw `offset + i` of its seed (a 64-bit unsigned int), so a rank can
+    draw just its slice of a longer row. Uses torch.get_num_threads() threads (the ctypes call
+    releases the GIL); the values do not depend on it. `isa_name` forces a code path (tests).
+    """
+    if out.device.type != "cpu" or not out.is_contiguous() or out.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"fill_normal needs a contiguous CPU float32/float64 tensor, got {out.dtype} on {out.device}")
+    k = len(seeds)
+    if out.dim() == 0 or out.shape[0] != k:
+        raise ValueError(f"fill_normal: {k} seeds for a tensor of shape {tuple(out.shape)} (one seed per row)")
+    if not 0 <= offset < 1 << 63:
+        raise ValueError(f"fill_normal: offset {offset} out of [0, 2^63)")
+    if any(not 0 <= s < 1 << 64 for s in seeds):
+        raise ValueError("fill_normal: seeds must be in [0, 2^64)")
+    if out.numel() == 0:
+        return out
+    lib = _library(isa_name or isa())
+    fn = lib.hpcbnn_fill_normal_f32 if out.dtype == torch.float32 else lib.hpcbnn_fill_normal_f64
+    fn(out.data_ptr(), (ctypes.c_uint64 * k)(*seeds), k, out.numel() // k, offset, torch.get_num_threads())
+    return out
+
+
+def _philox4x32_10(counters: torch.Tensor, key: tuple[int, int], isa_name: str | None = None) -> torch.Tensor:
+    """Philox4x32-10 of each row of `counters` ([m, 4] int32 bit patterns): known-answer tests."""
+    counters = counters.to(torch.int32).contiguous()
+    out = torch.empty_like(counters)
+    k = (ctypes.c_uint32 * 2)(*key)
+    _library(isa_name or isa()).hpcbnn_philox4x32_10(counters.data_ptr(), k, out.data_ptr(), counters.shape[0])
+    return out
