@@ -23,6 +23,7 @@ import hashlib
 import os
 import platform
 import shutil
+import socket
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
@@ -52,14 +53,15 @@ def _cache_dir() -> Path:
     return Path(base) / "rng"
 
 
-def _cpu_flags() -> set[str]:
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
+                return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return set()
+    return frozenset()
 
 
 def isa() -> str:
@@ -99,7 +101,7 @@ def _library(name: str) -> ctypes.CDLL:
         with open(cache / "build.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if not path.exists():  # another rank may have built it while we waited
-                tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+                tmp = path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")  # a shared $HOME
                 proc = subprocess.run([cc, *flags, "-o", str(tmp), str(_SOURCE)], capture_output=True, text=True)
                 if proc.returncode:
                     tmp.unlink(missing_ok=True)
