@@ -35,3 +35,17 @@ def test_the_benchmark_measures_the_machine_ceiling_and_prints_its_json_last(tmp
         table = list(csv.DictReader(f))
     assert [float(r["ceiling"]) for r in table] == [ceiling[r["ranks"]] for r in table]
     assert (tmp_path / "scaling.png").stat().st_size > 10_000
+
+
+@pytest.mark.mpi
+def test_the_allreduce_benchmark_times_each_reduction_against_mpi() -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.allreduce", "--ranks", "2", "--floats", "6000", "--repeats", "2"],
+        capture_output=True, text=True, timeout=300, env=env, cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["ranks"] == 2 and result["mb"] == pytest.approx(0.024)
+    assert {"mpi, flat", "torch", "gloo, flat"} <= set(result["ms"]) and all(v > 0 for v in result["ms"].values())
+    assert "vs MPI" in done.stdout
