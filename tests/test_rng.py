@@ -208,3 +208,10 @@ def test_an_unknown_code_path_is_refused(monkeypatch):
     monkeypatch.setenv("HPCBNN_RNG_ISA", "avx9000")
     with pytest.raises(ValueError, match="HPCBNN_RNG_ISA"):
         rng.isa()
+
+
+def test_an_unwritable_cache_names_the_variable_to_set(monkeypatch, tmp_path):
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("HPCBNN_CACHE", str(tmp_path / "file"))
+    with pytest.raises(RuntimeError, match="HPCBNN_CACHE"):
+        rng._library.__wrapped__("baseline")

@@ -95,10 +95,16 @@ def _library(name: str) -> ctypes.CDLL:
     source = _SOURCE.read_bytes()
     tag = hashlib.sha256(source + "\0".join([cc, *flags]).encode()).hexdigest()[:16]
     cache = _cache_dir()
-    cache.mkdir(parents=True, exist_ok=True)
     path = cache / f"normal-{name}-{tag}.so"
     if not path.exists():
-        with open(cache / "build.lock", "w") as lock:
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+            lock = open(cache / "build.lock", "w")
+        except OSError as e:
+            raise RuntimeError(
+                f"cannot build the rng kernel in {cache} ({e}): set HPCBNN_CACHE to a writable directory"
+            ) from e
+        with lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if not path.exists():  # another rank may have built it while we waited
                 tmp = path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")  # a shared $HOME
@@ -142,10 +148,10 @@ def fill_normal(
     return out
 
 
-def _philox4x32_10(counters: torch.Tensor, key: tuple[int, int], isa_name: str | None = None) -> torch.Tensor:
+def _philox4x32_10(counters: torch.Tensor, key: tuple[int, int]) -> torch.Tensor:
     """Philox4x32-10 of each row of `counters` ([m, 4] int32 bit patterns): known-answer tests."""
     counters = counters.to(torch.int32).contiguous()
     out = torch.empty_like(counters)
     k = (ctypes.c_uint32 * 2)(*key)
-    _library(isa_name or isa()).hpcbnn_philox4x32_10(counters.data_ptr(), k, out.data_ptr(), counters.shape[0])
+    _library(isa()).hpcbnn_philox4x32_10(counters.data_ptr(), k, out.data_ptr(), counters.shape[0])
     return out
