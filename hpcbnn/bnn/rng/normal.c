@@ -74,8 +74,9 @@ static inline void philox4x32_10(uint32_t w[4], uint32_t k0, uint32_t k1) {
  * arithmetic only, so the vector versions give the scalar version's bits (the tests check it).
  * They exist because compilers vectorise the 32x32->64 multiply badly: here each word lives in
  * the low half of a 64-bit lane, the layout pmuludq multiplies, and x1, x3 keep the product's
- * high half as garbage that the next multiply and the final truncation ignore. */
-static inline void philox_lanes(uint32_t w[4][LANES], uint32_t k0, uint32_t k1, uint64_t base) {
+ * high half as garbage that the next multiply and the final truncation ignore. Not inlined:
+ * inlined, clang 14 no longer vectorises the Box-Muller loops that read w. */
+static __attribute__((noinline)) void philox_lanes(uint32_t w[4][LANES], uint32_t k0, uint32_t k1, uint64_t base) {
 #if defined(__AVX512F__)
     /* G independent groups of 8 blocks in flight: one group alone waits on multiply latency */
     enum { G = 4 };
@@ -157,16 +158,19 @@ static inline float minus2log_f32(uint32_t x) {
     return -2.0f * ln;
 }
 
+typedef struct {
+    float c, s;
+} cs_f32;
+
 /* cos and sin of the angle 2 pi (x + 1/2) 2^-32. */
-static inline void cossin_f32(uint32_t x, float *c, float *s) {
+static inline cs_f32 cossin_f32(uint32_t x) {
     uint32_t q = (x + (1u << 29)) >> 30; /* nearest quarter turn */
     int32_t rem = (int32_t)(x - (q << 30)); /* in [-2^29, 2^29) */
     float a = ((float)rem + 0.5f) * (float)(6.283185307179586 / 4294967296.0), z = a * a;
     float sa = a + a * z * (-1.6666654611e-1f + z * (8.3321608736e-3f + z * -1.9515295891e-4f));
     float ca = 1.0f - 0.5f * z + z * z * (4.166664568298827e-2f + z * (-1.388731625493765e-3f + z * 2.443315711809948e-5f));
     uint32_t cneg = ((q + 1u) & 2u) << 30, sneg = (q & 2u) << 30; /* rotate by q quarter turns */
-    *c = bits_f32(f32_bits((q & 1u) ? sa : ca) ^ cneg);
-    *s = bits_f32(f32_bits((q & 1u) ? ca : sa) ^ sneg);
+    return (cs_f32){bits_f32(f32_bits((q & 1u) ? sa : ca) ^ cneg), bits_f32(f32_bits((q & 1u) ? ca : sa) ^ sneg)};
 }
 
 /* The 4 LANES float32 normals of tile `tile`. */
@@ -175,13 +179,11 @@ static void tile_f32(float *restrict dst, uint32_t k0, uint32_t k1, uint64_t til
     philox_lanes(w, k0, k1, tile * LANES);
     for (int j = 0; j < LANES; j++) {
         float ra = __builtin_sqrtf(minus2log_f32(w[0][j])), rb = __builtin_sqrtf(minus2log_f32(w[2][j]));
-        float ca, sa, cb, sb;
-        cossin_f32(w[1][j], &ca, &sa);
-        cossin_f32(w[3][j], &cb, &sb);
-        dst[j] = ra * ca;
-        dst[LANES + j] = ra * sa;
-        dst[2 * LANES + j] = rb * cb;
-        dst[3 * LANES + j] = rb * sb;
+        cs_f32 a = cossin_f32(w[1][j]), b = cossin_f32(w[3][j]);
+        dst[j] = ra * a.c;
+        dst[LANES + j] = ra * a.s;
+        dst[2 * LANES + j] = rb * b.c;
+        dst[3 * LANES + j] = rb * b.s;
     }
 }
 
@@ -213,8 +215,12 @@ static inline double minus2log_f64(uint32_t x0, uint32_t x1) {
     return -2.0 * ln;
 }
 
+typedef struct {
+    double c, s;
+} cs_f64;
+
 /* cos and sin of the angle 2 pi (b + 1/2) 2^-53, b the top 53 bits of (x2, x3). */
-static inline void cossin_f64(uint32_t x2, uint32_t x3, double *c, double *s) {
+static inline cs_f64 cossin_f64(uint32_t x2, uint32_t x3) {
     uint64_t b = ((uint64_t)x2 << 21) | (x3 >> 11);
     uint64_t q = ((b + (1ull << 50)) >> 51) & 3u; /* nearest quarter turn */
     int64_t rem = (int64_t)((b + (1ull << 50)) & ((1ull << 51) - 1)) - (1ll << 50); /* in [-2^50, 2^50) */
@@ -233,10 +239,8 @@ static inline void cossin_f64(uint32_t x2, uint32_t x3, double *c, double *s) {
                           z * (2.48015872888517045348e-5 +
                                z * (-2.75573141792967388112e-7 +
                                     z * (2.08757008419747316778e-9 + z * -1.13585365213876817300e-11)))));
-    uint64_t swap = -(q & 1u), cneg = ((q + 1u) & 2u) << 62, sneg = (q & 2u) << 62;
-    uint64_t cb = f64_bits(ca), sb = f64_bits(sa);
-    *c = bits_f64(((cb & ~swap) | (sb & swap)) ^ cneg);
-    *s = bits_f64(((sb & ~swap) | (cb & swap)) ^ sneg);
+    uint64_t cneg = ((q + 1u) & 2u) << 62, sneg = (q & 2u) << 62; /* rotate by q quarter turns */
+    return (cs_f64){bits_f64(f64_bits((q & 1u) ? sa : ca) ^ cneg), bits_f64(f64_bits((q & 1u) ? ca : sa) ^ sneg)};
 }
 
 /* The 2 LANES float64 normals of tile `tile`. */
@@ -244,10 +248,10 @@ static void tile_f64(double *restrict dst, uint32_t k0, uint32_t k1, uint64_t ti
     uint32_t w[4][LANES];
     philox_lanes(w, k0, k1, tile * LANES);
     for (int j = 0; j < LANES; j++) {
-        double r = __builtin_sqrt(minus2log_f64(w[0][j], w[1][j])), c, s;
-        cossin_f64(w[2][j], w[3][j], &c, &s);
-        dst[j] = r * c;
-        dst[LANES + j] = r * s;
+        double r = __builtin_sqrt(minus2log_f64(w[0][j], w[1][j]));
+        cs_f64 a = cossin_f64(w[2][j], w[3][j]);
+        dst[j] = r * a.c;
+        dst[LANES + j] = r * a.s;
     }
 }
 
