@@ -27,6 +27,15 @@ install_mpi() {
     || die "apt-get could not install Open MPI; install libopenmpi-dev and openmpi-bin by hand (or load your site's MPI module) and rerun"
 }
 
+# hpcbnn.bnn.rng compiles its noise kernel with the C compiler on first use; Horovod's build needs g++.
+install_compiler() {
+  if command -v cc >/dev/null && command -v g++ >/dev/null; then return; fi
+  say "installing a C/C++ compiler from Debian (gcc g++)"
+  sudo_if_needed apt-get update -qq
+  sudo_if_needed env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc g++ >/dev/null \
+    || die "apt-get could not install gcc and g++; install a C/C++ compiler by hand (or load your site's compiler module) and rerun"
+}
+
 make_venv() {
   if [ ! -x "$VENV/bin/python" ]; then
     say "creating virtual environment $VENV"
@@ -96,6 +105,9 @@ install_horovod() {
 }
 
 install_mpi
+install_compiler
 make_venv
 install_horovod
+"$PY" -c 'import torch; from hpcbnn.bnn.rng import fill_normal; fill_normal(torch.empty(1, 4), [0])' \
+  || die "could not build hpcbnn's noise kernel (above); check the C compiler, or set HPCBNN_CACHE to a writable directory"
 say "environment ready: $VENV ($("$PY" -c 'import torch, horovod; print("torch", torch.__version__, "horovod", horovod.__version__)'))"
