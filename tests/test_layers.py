@@ -190,14 +190,16 @@ def test_flipout_linear_fast_path_equals_the_generic_flipout(shape):
     estimator's outputs and gradients, for inputs with and without a token axis."""
     from hpcbnn.bnn.layers import BayesianModule
 
-    layer = make("linear", "flipout")
+    fused, generic = make("linear", "flipout"), make("linear", "flipout")
+    generic.load_state_dict(fused.state_dict())
+    generic.noise_key = fused.noise_key
+    generic.perturbed = lambda t: BayesianModule.perturbed(generic, t)
     x = torch.randn(*shape, dtype=D64, generator=torch.Generator().manual_seed(3))
     results = []
-    for flipout in (layer.flipout, lambda t: BayesianModule.flipout(layer, t)):
+    for layer in (fused, generic):
         xg = stack(x, 4).requires_grad_()
-        layer.zero_grad()
         with sampling(0, 1, range(4)):
-            out = flipout(xg)
+            out = layer(xg)
         (out ** 3).sum().backward()
         results.append([out.detach(), xg.grad] + [p.grad.clone() for p in layer.parameters()])
     for a, b in zip(*results):

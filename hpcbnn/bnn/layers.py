@@ -185,10 +185,10 @@ class BayesianModule(KLTerm):
         eps_w, eps_b = self.noise()
         return torch.addcmul(self.weight_mu, F.softplus(self.weight_rho), eps_w), self.sample_bias(eps_b)
 
-    def perturbation(self) -> tuple[Tensor, Tensor | None]:
-        """sigma * eps for k samples (Flipout's weight perturbation) and the k sampled biases."""
+    def perturbed(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """x through the k weight perturbations sigma * eps_s (Flipout's second op), and the k sampled biases."""
         eps_w, eps_b = self.noise()
-        return F.softplus(self.weight_rho) * eps_w, self.sample_bias(eps_b)
+        return self.batched_op(x, F.softplus(self.weight_rho) * eps_w, None), self.sample_bias(eps_b)
 
     # The estimators, each written once: a layer supplies its deterministic `op` and the
     # `batched_op` that applies k weight samples in one call, the estimators compose them.
@@ -236,14 +236,14 @@ class BayesianModule(KLTerm):
     def flipout(self, x: Tensor) -> Tensor:
         """mu x + ((x * r_in) (sigma * eps_s)) * r_out with random signs r per example: the k
         perturbations decorrelate over the rows at the cost of a second (batched) op."""
-        dw, b = self.perturbation()
         d = self.channel_dim % x.dim()
         n_in, n_out = x.shape[d], self.weight_mu.shape[0]
-        signs = example_noise(
-            self.noise_key, x.shape[0], _sign_shape(x, d, n_in + n_out), x.dtype, x.device, kind="sign"
-        )
+        shape = [1] * (x.dim() - 1)
+        shape[d - 1] = n_in + n_out
+        signs = example_noise(self.noise_key, x.shape[0], shape, x.dtype, x.device, kind="sign")
         s_in, s_out = signs.split([n_in, n_out], dim=d)
-        out = torch.addcmul(self.op(x, self.weight_mu, None), self.batched_op(x * s_in, dw, None), s_out)
+        dy, b = self.perturbed(x * s_in)
+        out = torch.addcmul(self.op(x, self.weight_mu, None), dy, s_out)
         return out if b is None else _add_sample_bias(out, b, channel_dim=d)
 
     def extra_repr(self) -> str:
@@ -331,38 +331,20 @@ class BayesianLinear(BayesianModule):
         )
         return y.reshape(*x.shape[:-1], self.out_features)
 
-    def flipout(self, x: Tensor) -> Tensor:
-        """The generic flipout, with its perturbation through `_ReparamLinear` (mu = None): the
-        k perturbations sigma * eps_s are neither kept nor reduced by autograd."""
+    def perturbed(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Flipout's second op through `_ReparamLinear` with mu = None: the k perturbations
+        sigma * eps_s are neither kept nor reduced by autograd."""
         eps_w, eps_b = self.noise(reuse=True)
         k = eps_w.shape[0]
-        signs = example_noise(
-            self.noise_key,
-            x.shape[0],
-            _sign_shape(x, x.dim() - 1, self.in_features + self.out_features),
-            x.dtype,
-            x.device,
-            kind="sign",
-        )
-        s_in, s_out = signs.split([self.in_features, self.out_features], dim=-1)
         dy = _ReparamLinear.apply(
-            (x * s_in).reshape(k, -1, self.in_features),
+            x.reshape(k, -1, self.in_features),
             None,
             F.softplus(self.weight_rho),
             eps_w,
             None,
             self if torch.is_grad_enabled() else None,
         )
-        out = torch.addcmul(F.linear(x, self.weight_mu), dy.reshape(*x.shape[:-1], self.out_features), s_out)
-        b = self.sample_bias(eps_b)
-        return out if b is None else _add_sample_bias(out, b, channel_dim=x.dim() - 1)
-
-
-def _sign_shape(x: Tensor, channel_dim: int, channels: int) -> list[int]:
-    """Flipout's per-example sign shape: `channels` along `channel_dim`, broadcast over the rest of an example."""
-    shape = [1] * (x.dim() - 1)
-    shape[channel_dim - 1] = channels
-    return shape
+        return dy.reshape(*x.shape[:-1], self.out_features), self.sample_bias(eps_b)
 
 
 def _add_sample_bias(out: Tensor, b: Tensor, channel_dim: int) -> Tensor:
