@@ -1,7 +1,7 @@
 """Does the uncertainty pay? hpcbnn's BNN against a deterministic net and a deep ensemble, in one harness.
 
-    python -m benchmarks.uq [--quick | --smoke] [--seeds N] [--out runs/uq]
-    python -m benchmarks.uq --tune [--round 2|3|4]  # the validation-split studies of variational training options
+    python -m benchmarks.uq [--quick | --smoke] [--seeds N] [--folds F] [--out runs/uq]
+    python -m benchmarks.uq --tune [--round 2|3|4|5] [--folds F]  # the validation-split studies (docs/uq.md)
 
 Protocols, on scikit-learn's bundled digits with hpcbnn's train/val/test split (inputs
 standardised with the training split's statistics, as the loader does):
@@ -20,7 +20,9 @@ Reported on the test split: accuracy, NLL, ECE, Brier; OOD AUROC and FPR at 95% 
 the in-distribution inputs) scored by max-probability, predictive entropy and mutual
 information (MI); accuracy and ECE under Gaussian pixel noise of 5 severities; AURC of
 the risk-coverage curve. Means over seeds go to a table, `results.csv` and one PNG per
-protocol under --out; the last line printed is one JSON object.
+protocol under --out; the last line printed is one JSON object. With --folds F every method
+runs once per fold and seed on F rotations of the split (fold 0 is the standard split), and
+each target also gets the BNN's paired lead over its reference, run by run (`runs.csv`).
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ NOISE_LEVELS = (2.0, 4.0, 6.0, 8.0, 10.0)  # std of the Gaussian pixel noise, in
 MAP_LR = 1e-3  # chosen on the validation split (--tune): the lowest NLL, mean over the protocols
 MAP_WEIGHT_DECAY = 1e-3  # likewise
 SCORES = ("maxprob", "entropy", "mi")
+FOLDS = 5  # ceil(1797 / 360): folds 0-4 test every digit (fold 4 reuses 3 of fold 0's test digits)
 HEADLINE = ("accuracy", "nll", "ece", "brier", "auroc_maxprob", "auroc_entropy", "auroc_mi", "fpr95_mi", "aurc")
 
 
@@ -92,13 +95,16 @@ class Protocol:
         return (noisy.clamp(0, 16) - self.mean) / self.std
 
 
-def digits_protocols(names: list[str]) -> list[Protocol]:
+def digits_protocols(names: list[str], fold: int = 0) -> list[Protocol]:
+    """The protocols on fold `fold` of the digits: fold 0 is hpcbnn's standard split, fold f moves the test
+    part (and the validation part after it) f test-sizes along the same permutation (`split_indices`)."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     x_all = torch.tensor(digits.data, dtype=torch.float32)
     y_all = torch.tensor(digits.target, dtype=torch.int64)
-    rows = split_indices(len(y_all), DIGITS_COUNTS["val"], DIGITS_COUNTS["test"], DIGITS_SEED)
+    test = DIGITS_COUNTS["test"]
+    rows = split_indices(len(y_all), DIGITS_COUNTS["val"], test, DIGITS_SEED, offset=fold * test)
     raw = {s: (x_all[torch.as_tensor(r)], y_all[torch.as_tensor(r)]) for s, r in rows.items()}
 
     def build(name: str, keep: Callable[[Tensor], Tensor], ood: Callable[[str], Tensor], classes: int) -> Protocol:
@@ -289,11 +295,14 @@ def sigma_quantiles(model: nn.Module) -> dict[str, float]:
     return {"sigma_q05": float(q[0]), "sigma_q50": float(q[1]), "sigma_q95": float(q[2])}
 
 
-def run_protocol(p: Protocol, seeds: list[int], epochs: int, ensemble: int) -> tuple[dict, dict]:
-    """Mean and std over seeds of every method's metrics, and the first seed's plot arrays."""
+Runs = dict[str, list[dict[str, float]]]  # method -> its test metrics, one dict per (fold, seed), in one order
+
+
+def run_protocol(
+    p: Protocol, seeds: list[int], epochs: int, ensemble: int, estimators: list[str], runs: Runs, arrays: dict
+) -> None:
+    """Train and test every method once per seed on one fold; appends to `runs`, keeps the first plot arrays."""
     shifted = [p.shifted(s) for s in range(1, len(NOISE_LEVELS) + 1)]
-    runs: dict[str, list[dict[str, float]]] = {}
-    arrays: dict[str, dict] = {}
 
     def record(method: str, predict: Predictor, extra: dict[str, float] | None = None) -> None:
         metrics, plot = evaluate(predict, p.test.x, p.test.y, p.ood_test, shifted)
@@ -304,16 +313,19 @@ def run_protocol(p: Protocol, seeds: list[int], epochs: int, ensemble: int) -> t
         members = [fit_map(p, seed * 100 + i, epochs) for i in range(ensemble)]
         record("deterministic", members_predictor(members[:1]))
         record("ensemble", members_predictor(members))
-        for estimator in ESTIMATORS:
+        for estimator in estimators:
             method = "bnn" if estimator == Config.estimator else f"bnn_{estimator}"
             model = fit_bnn(p, Variational(estimator=estimator), seed, epochs)
             record(method, bnn_predictor(model, seed), sigma_quantiles(model))
-    summary = {
+
+
+def summarise(runs: Runs) -> dict[str, dict[str, float]]:
+    """Mean and standard deviation over the runs of every method's metrics."""
+    return {
         method: {k: float(np.mean([r[k] for r in rs])) for k in rs[0]}
         | {f"{k}_std": float(np.std([r[k] for r in rs])) for k in rs[0]}
         for method, rs in runs.items()
     }
-    return summary, arrays
 
 
 def plot(p: Protocol, arrays: dict[str, dict], summary: dict[str, dict], path: Path) -> None:
@@ -365,25 +377,68 @@ def table(rows: list[tuple[str, str, dict[str, float]]], keys: tuple[str, ...]) 
     return "\n".join(lines)
 
 
-def checks(bnn: dict[str, float], det: dict[str, float], ens: dict[str, float]) -> list[tuple[str, float, float, bool]]:
-    """The issue's targets for a BNN on one protocol: (target, BNN's value, reference, met)."""
-    best = max(SCORES, key=lambda k: bnn[f"auroc_{k}"])
-    targets = [  # (target, BNN's value, reference, least difference), signed so that higher is better
+def targets(
+    bnn: dict[str, float], det: dict[str, float], ens: dict[str, float], best: str
+) -> list[tuple[str, float, float, float]]:
+    """The issue's targets for a BNN on one protocol: (target, BNN's value, reference, least difference),
+    the values signed so that higher is better; `best` is the BNN's best OOD score."""
+    return [
         ("NLL below deterministic", -bnn["nll"], -det["nll"], 0.0),
         ("ECE below deterministic", -bnn["ece"], -det["ece"], 0.0),
         (f"AUROC ({best}) above det. max-prob", bnn[f"auroc_{best}"], det["auroc_maxprob"], 0.0),
         ("MI-AUROC >= ensemble's - 0.01", bnn["auroc_mi"], ens["auroc_mi"], -0.01),
         ("accuracy within 0.5 points of det.", bnn["accuracy"], det["accuracy"], -0.005),
     ]
-    # "below"/"above" are strict, tolerances are not
-    return [(what, abs(a), abs(b), a - b > 0 if margin == 0 else a - b >= margin) for what, a, b, margin in targets]
 
 
-def bar(name: str, m: dict[str, dict[str, float]]) -> list[str]:
-    """The issue's targets for the default BNN on one protocol, each with its numbers and met / NOT met."""
+def is_met(lead: float, margin: float) -> bool:
+    """ "below"/"above" are strict, tolerances are not."""
+    return lead > 0 if margin == 0 else lead >= margin
+
+
+def best_score(bnn: dict[str, float]) -> str:
+    return max(SCORES, key=lambda k: bnn[f"auroc_{k}"])
+
+
+def checks(bnn: dict[str, float], det: dict[str, float], ens: dict[str, float]) -> list[tuple[str, float, float, bool]]:
+    """The issue's targets for a BNN on one protocol: (target, BNN's value, reference, met)."""
+    return [(what, abs(a), abs(b), is_met(a - b, m)) for what, a, b, m in targets(bnn, det, ens, best_score(bnn))]
+
+
+def paired(runs: Runs) -> list[dict[str, Any]]:
+    """Each target judged on the means over runs (as `checks`), with the BNN's lead over its reference
+    (higher is better) per run: its mean, standard error, and the runs in which the target holds. Runs
+    of one fold and seed share their data, so the lead per run removes the split's share of the noise."""
+    mean = summarise(runs)
+    best = best_score(mean["bnn"])
+    per_run = [targets(b, d, e, best) for b, d, e in zip(runs["bnn"], runs["deterministic"], runs["ensemble"])]
+    rows = []
+    for i, (what, a, b, met) in enumerate(checks(mean["bnn"], mean["deterministic"], mean["ensemble"])):
+        leads = np.array([t[i][1] - t[i][2] for t in per_run])
+        se = float(leads.std(ddof=1) / math.sqrt(len(leads))) if len(leads) > 1 else math.nan
+        held = sum(is_met(float(x), per_run[0][i][3]) for x in leads)
+        rows.append(
+            {
+                "target": what,
+                "bnn": a,
+                "reference": b,
+                "met": met,
+                "lead": float(leads.mean()),
+                "se": se,
+                "runs_met": held,
+                "runs": len(leads),
+            }
+        )
+    return rows
+
+
+def bar(name: str, runs: Runs) -> list[str]:
+    """The issue's targets for the default BNN on one protocol, each with its numbers, met / NOT met, and
+    the paired lead over the runs."""
     return [
-        f"{name:<10} {what:<38} {a:.4f} vs {b:.4f}  {'met' if met else 'NOT met'}"
-        for what, a, b, met in checks(m["bnn"], m["deterministic"], m["ensemble"])
+        f"{name:<10} {r['target']:<38} {r['bnn']:.4f} vs {r['reference']:.4f}  {'met' if r['met'] else 'NOT met':<8}"
+        f" lead {r['lead']:+.4f} +- {r['se']:.4f} s.e., holds in {r['runs_met']} of {r['runs']} runs"
+        for r in paired(runs)
     ]
 
 
@@ -406,13 +461,22 @@ def benchmark(args: argparse.Namespace) -> None:
     seeds = list(range(1 if args.smoke or args.quick else args.seeds))
     ensemble = 2 if args.smoke else ENSEMBLE
     began = time.perf_counter()
-    results: dict[str, dict] = {}
+    estimators = list(dict.fromkeys([Config.estimator, *args.estimators]))  # the default BNN always runs
+    runs: dict[str, Runs] = {name: {} for name in args.protocols}
+    arrays: dict[str, dict] = {name: {} for name in args.protocols}
+    for fold in range(args.folds):
+        for p in digits_protocols(args.protocols, fold):
+            run_protocol(p, seeds, epochs, ensemble, estimators, runs[p.name], arrays[p.name])
+            if args.folds > 1:
+                print(f"benchmarks.uq: {p.name} fold {fold} done ({time.perf_counter() - began:.0f} s)", flush=True)
+    results = {name: summarise(r) for name, r in runs.items()}
     for p in digits_protocols(args.protocols):
-        summary, arrays = run_protocol(p, seeds, epochs, ensemble)
-        results[p.name] = summary
-        plot(p, arrays, summary, out / f"{p.name}.png")
+        plot(p, arrays[p.name], results[p.name], out / f"{p.name}.png")
     rows = [(proto, method, values) for proto, methods in results.items() for method, values in methods.items()]
-    print(f"benchmarks.uq: {len(seeds)} seed(s), {epochs} epochs, ensemble of {ensemble}, S_eval={EVAL_SAMPLES}")
+    print(
+        f"benchmarks.uq: {args.folds} fold(s) x {len(seeds)} seed(s), {epochs} epochs, ensemble of {ensemble}, "
+        f"S_eval={EVAL_SAMPLES}"
+    )
     print(table(rows, HEADLINE))
     print()
     shift_keys = tuple(f"shift{i}_{m}" for m in ("accuracy", "ece") for i in range(1, len(NOISE_LEVELS) + 1))
@@ -421,7 +485,7 @@ def benchmark(args: argparse.Namespace) -> None:
     print()
     print(table(rows, ("mi_in", "mi_out", "fpr95_maxprob", "fpr95_entropy", "sigma_q05", "sigma_q50", "sigma_q95")))
     print()
-    print("\n".join(line for name, methods in results.items() for line in bar(name, methods)))
+    print("\n".join(line for name, r in runs.items() for line in bar(name, r)))
     with open(out / "results.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["protocol", "method", "metric", "mean", "std"])
@@ -429,6 +493,14 @@ def benchmark(args: argparse.Namespace) -> None:
             for k, v in values.items():
                 if not k.endswith("_std"):
                     writer.writerow([proto, method, k, f"{v:.6g}", f"{values[f'{k}_std']:.3g}"])
+    with open(out / "runs.csv", "w", newline="") as f:  # every run, for paired comparisons
+        writer = csv.writer(f)
+        writer.writerow(["protocol", "method", "fold", "seed", "metric", "value"])
+        for proto, methods in runs.items():
+            for method, per_run in methods.items():
+                for i, values in enumerate(per_run):
+                    fold, seed = divmod(i, len(seeds))
+                    writer.writerows([proto, method, fold, seed, k, f"{v:.6g}"] for k, v in values.items())
     regression = None if args.smoke else regression_results(args.quick)
     if regression is not None:
         module = importlib.import_module("benchmarks.uq_regression")
@@ -439,7 +511,8 @@ def benchmark(args: argparse.Namespace) -> None:
         "protocols": {
             proto: {m: {k: v for k, v in values.items() if not k.endswith("_std")} for m, values in methods.items()}
             for proto, methods in results.items()
-        }
+        },
+        "bar": {name: paired(r) for name, r in runs.items()},
     }
     if regression is not None:
         report["regression"] = regression
@@ -536,6 +609,14 @@ ROUND4_OPTIONS: dict[str, dict[str, Any]] = {  # the round-3 mixture (8 componen
     "prior 0.35 He, sigma0 0.01 He": {"prior_fraction": 0.35, "init_fraction": 0.01},
     "prior 0.25 He, sigma0 0.01 He": {"prior_fraction": 0.25, "init_fraction": 0.01},
 }
+ROUND5_OPTIONS: dict[str, dict[str, Any]] = {  # the prior of round 4's mixture again, on 5 folds' validation parts
+    "prior 0.5 He (round 4)": {"prior_fraction": 0.5, "init_fraction": 0.01},
+    "prior 0.35 He": {"prior_fraction": 0.35, "init_fraction": 0.01},
+    "prior 0.7 He": {"prior_fraction": 0.7, "init_fraction": 0.01},
+    "prior 1 He": {"prior_fraction": 1.0, "init_fraction": 0.01},
+    "prior 0.25 He": {"prior_fraction": 0.25, "init_fraction": 0.01},
+}
+ROUNDS_RANKED = {4: ROUND4_OPTIONS, 5: ROUND5_OPTIONS}
 RANKED = {
     "classification": (("nll", -1), ("ece", -1), ("auroc_best", 1), ("auroc_mi", 1)),
     "regression": (("nll", -1),),
@@ -566,27 +647,31 @@ def regression_settings(v: Variational) -> Any:
 
 def tune_mixtures(args: argparse.Namespace, options: dict[str, dict[str, Any]], label: str) -> dict[str, dict]:
     """Mixture options (the same S = 8 samples per step) against the deterministic net and the ensemble,
-    on the validation split; prints and returns the means over seeds per protocol."""
+    on the validation split of each fold; prints and returns the means over folds and seeds per protocol."""
     seeds = list(range(args.seeds))
     tables: dict[str, dict] = {}
-    for p in digits_protocols(args.protocols):
+    for name in args.protocols:
         found: dict[str, list[dict[str, float]]] = {}
-        for seed in seeds:
+        for fold, seed in ((f, s) for f in range(args.folds) for s in seeds):
+            (p,) = digits_protocols([name], fold)
             members = [fit_map(p, seed * 100 + i, EPOCHS) for i in range(ENSEMBLE)]
-            for name, predict in (("MAP (deterministic)", members[:1]), ("ensemble of 5", members)):
-                found.setdefault(name, []).append(evaluate(members_predictor(predict), p.val.x, p.val.y, p.ood_val)[0])
+            for method, predict in (("MAP (deterministic)", members[:1]), ("ensemble of 5", members)):
+                found.setdefault(method, []).append(
+                    evaluate(members_predictor(predict), p.val.x, p.val.y, p.ood_val)[0]
+                )
             for option, settings in options.items():
                 model = fit_bnn(p, dataclasses.replace(Variational(), **settings), seed, EPOCHS)
                 metrics = evaluate(bnn_predictor(model, seed), p.val.x, p.val.y, p.ood_val)[0]
                 found.setdefault(option, []).append(metrics | sigma_quantiles(model))
-            print(f"benchmarks.uq --tune {label}: {p.name} seed {seed} done", flush=True)
+            print(f"benchmarks.uq --tune {label}: {name} fold {fold} seed {seed} done", flush=True)
         keys = ("accuracy", "nll", "ece", "auroc_maxprob", "auroc_entropy", "auroc_mi", "mi_in", "mi_out", "sigma_q50")
-        print(f"validation split of {p.name}, {len(seeds)} seed(s), {EPOCHS} epochs, means over seeds")
+        runs = f"{args.folds} fold(s) x {len(seeds)} seed(s)"
+        print(f"validation split of {name}, {runs}, {EPOCHS} epochs, means over folds and seeds")
         print(f"{'option':<36} " + " ".join(f"{k:>13}" for k in keys))
         means = {o: {k: float(np.mean([r[k] for r in rs])) for k in rs[0]} for o, rs in found.items()}
         for option, values in means.items():
             print(f"{option:<36} " + " ".join(f"{values[k]:>13.4g}" if k in values else f"{'-':>13}" for k in keys))
-        tables[p.name] = means
+        tables[name] = means
     return tables
 
 
@@ -595,36 +680,38 @@ def tune_round3(args: argparse.Namespace) -> None:
     tune_mixtures(args, ROUND3_OPTIONS, "--round 3")
 
 
-def tune_round4(args: argparse.Namespace) -> None:
-    """Round 4: the fan-in fractions of the 8-component mixture (prior and initial sigma); saves
-    <out>/tune4_<protocol>.json and ranks the options once heldout and rotated both exist."""
+def tune_ranked(args: argparse.Namespace, round_: int, options: dict[str, dict[str, Any]]) -> None:
+    """Rounds 4 and 5: mixture options on the validation split; saves <out>/tune<round>_<protocol>.json and
+    ranks the options (`rank_mixtures`) once heldout and rotated both exist."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for name, means in tune_mixtures(args, ROUND4_OPTIONS, "--round 4").items():
-        (out / f"tune4_{name}.json").write_text(json.dumps(means, indent=1))
-    rank_round4(out)
+    for name, means in tune_mixtures(args, options, f"--round {round_}").items():
+        (out / f"tune{round_}_{name}.json").write_text(json.dumps(means, indent=1))
+    rank_mixtures(out, round_, options)
 
 
-def rank_round4(out: Path) -> None:
-    """The rule of round 4: the most of the issue's targets met on the validation split, then the lowest
-    mean rank (NLL, ECE, best AUROC, MI-AUROC) within each protocol averaged over the two (round 2's
-    rule), then the lower mean validation NLL (added when the first two options tied on the rest)."""
-    files = {n: out / f"tune4_{n}.json" for n in PROTOCOLS}
+def rank_mixtures(out: Path, round_: int, options: dict[str, dict[str, Any]]) -> None:
+    """The rule of rounds 4 and 5: the most of the issue's targets met on the validation split, then the
+    lowest mean rank (NLL, ECE, best AUROC, MI-AUROC) within each protocol averaged over the two (round 2's
+    rule), then the lower mean validation NLL (added in round 4 when the first two options tied on the rest)."""
+    files = {n: out / f"tune{round_}_{n}.json" for n in PROTOCOLS}
     if not all(f.exists() for f in files.values()):
         return
     tables = {n: json.loads(f.read_text()) for n, f in files.items()}
-    met = {o: 0 for o in ROUND4_OPTIONS}
-    ranks: dict[str, list[float]] = {o: [] for o in ROUND4_OPTIONS}
+    met = {o: 0 for o in options}
+    ranks: dict[str, list[float]] = {o: [] for o in options}
     for means in tables.values():
-        for o in ROUND4_OPTIONS:
+        for o in options:
             met[o] += sum(c[3] for c in checks(means[o], means["MAP (deterministic)"], means["ensemble of 5"]))
             means[o]["auroc_best"] = max(means[o][f"auroc_{k}"] for k in SCORES)
-        for o, r in mean_ranks(means, list(ROUND4_OPTIONS), "classification").items():
+        for o, r in mean_ranks(means, list(options), "classification").items():
             ranks[o].append(r)
-    nll = {o: float(np.mean([t[o]["nll"] for t in tables.values()])) for o in ROUND4_OPTIONS}
-    print("round 4: targets met on validation (of 10), then mean rank (NLL, ECE, best AUROC, MI-AUROC), then NLL")
+    nll = {o: float(np.mean([t[o]["nll"] for t in tables.values()])) for o in options}
+    print(
+        f"round {round_}: targets met on validation (of 10), then mean rank (NLL, ECE, best AUROC, MI-AUROC), then NLL"
+    )
     print(f"{'option':<36} {'met':>4} {'heldout':>9} {'rotated':>9} {'mean':>7} {'mean nll':>9}")
-    for o in sorted(ROUND4_OPTIONS, key=lambda o: (-met[o], np.mean(ranks[o]), nll[o])):
+    for o in sorted(options, key=lambda o: (-met[o], np.mean(ranks[o]), nll[o])):
         r = ranks[o]
         print(f"{o:<36} {met[o]:>4} {r[0]:>9.2f} {r[1]:>9.2f} {np.mean(r):>7.2f} {nll[o]:>9.5f}")
 
@@ -700,8 +787,23 @@ def main() -> None:
     mode.add_argument("--quick", action="store_true", help="one seed, 30 epochs (< 5 minutes on 2 cores)")
     mode.add_argument("--smoke", action="store_true", help="one seed, one epoch, ensemble of 2 (for the test)")
     mode.add_argument("--tune", action="store_true", help="compare training options on the validation split")
-    parser.add_argument("--round", type=int, default=1, choices=(1, 2, 3, 4), help="which --tune study")
+    parser.add_argument("--round", type=int, default=1, choices=(1, 2, 3, 4, 5), help="which --tune study")
     parser.add_argument("--seeds", type=int, default=3, help="seeds of the full run (means over them)")
+    parser.add_argument(
+        "--folds",
+        type=int,
+        default=1,
+        choices=range(1, FOLDS + 1),
+        metavar=f"1..{FOLDS}",
+        help="test parts of the digits, each with its own validation and training parts (fold 0: the standard split)",
+    )
+    parser.add_argument(
+        "--estimators",
+        nargs="+",
+        default=list(ESTIMATORS),
+        choices=ESTIMATORS,
+        help="the BNN rows to train (the default estimator's always)",
+    )
     parser.add_argument(
         "--protocols",
         nargs="+",
@@ -714,7 +816,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.tune:
-        {1: tune, 2: tune_round2, 3: tune_round3, 4: tune_round4}[args.round](args)
+        {1: tune, 2: tune_round2, 3: tune_round3}[args.round](args) if args.round < 4 else tune_ranked(
+            args, args.round, ROUNDS_RANKED[args.round]
+        )
     else:
         benchmark(args)
 

@@ -16,7 +16,7 @@ import pytest
 from hpcbnn.data import cache_dir, open_dataset
 from hpcbnn.data.__main__ import main
 from hpcbnn.data.convert import (convert_cifar, convert_csv, convert_digits, convert_imagefolder,
-                                 convert_mnist, convert_npy, convert_npz, read_idx)
+                                 convert_mnist, convert_npy, convert_npz, read_idx, split_indices)
 from hpcbnn.errors import UsageError
 from tests.mpi import ROOT
 
@@ -51,6 +51,21 @@ def test_digits_fixed_split_and_values(tmp_path: Path) -> None:
     info = open_dataset(tmp_path / "d.h5")
     assert np.isclose(info.mean[0], data["train"][0].mean()) and info.class_names == tuple("0123456789")
     assert np.array_equal(stored(convert_digits(tmp_path / "again.h5"))["val"][1], data["val"][1])
+
+
+def test_split_offsets_give_disjoint_test_folds_and_offset_0_is_the_standard_split() -> None:
+    n, n_val, n_test = 1797, 180, 360
+    perm = np.random.default_rng(0).permutation(n)
+    standard = split_indices(n, n_val, n_test, 0)
+    assert np.array_equal(standard["test"], np.sort(perm[:n_test]))
+    assert np.array_equal(standard["val"], np.sort(perm[n_test : n_test + n_val]))
+    folds = [split_indices(n, n_val, n_test, 0, offset=f * n_test) for f in range(5)]
+    for parts in folds:
+        assert sorted(np.concatenate(list(parts.values())).tolist()) == list(range(n))
+        assert len(parts["test"]) == n_test and len(parts["val"]) == n_val
+    tests = [set(parts["test"].tolist()) for parts in folds]
+    assert all(not tests[i] & tests[j] for i in range(4) for j in range(i + 1, 4))
+    assert set().union(*tests) == set(range(n)) and len(tests[4] & tests[0]) == 5 * n_test - n
 
 
 def test_npz_with_a_test_split_carves_val_and_normalises_on_train(tmp_path: Path) -> None:

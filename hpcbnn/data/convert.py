@@ -34,9 +34,13 @@ DIABETES_COUNTS = {"train": 266, "val": 88, "test": 88}  # 60/20/20
 DIABETES_SEED = 0
 
 
-def split_indices(n: int, n_val: int, n_test: int, seed: int) -> dict[str, np.ndarray]:
-    """A seeded random split of rows 0..n-1; each part sorted so the source is read in order."""
-    perm = np.random.default_rng(seed).permutation(n)
+def split_indices(n: int, n_val: int, n_test: int, seed: int, offset: int = 0) -> dict[str, np.ndarray]:
+    """A seeded random split of rows 0..n-1; each part sorted so the source is read in order.
+
+    `offset` rotates the permutation first, so offsets 0, n_test, 2 n_test, ... give test
+    parts that do not overlap (cross-validation folds); offset 0 is the standard split.
+    """
+    perm = np.roll(np.random.default_rng(seed).permutation(n), -offset)
     return {
         "test": np.sort(perm[:n_test]),
         "val": np.sort(perm[n_test : n_test + n_val]),
