@@ -4,12 +4,13 @@ Each weight w has a posterior N(mu, sigma^2), sigma = softplus(rho), and the pri
 N(0, prior_scale^2) with a closed-form KL. By default both scale with the layer's fan-in
 (`"fan_in"`), from He's sqrt(2 / fan_in), the scale at which a ReLU network's activations
 neither blow up nor vanish (a unit prior on a 64-input layer is 8x that). The prior is
-PRIOR_FRACTION of it: at half the He std the KL's pull on the means, kl_weight / (N
-prior^2), is of the order of a tuned deterministic net's weight decay, and that pull is
-what spreads a mixture's components apart off the data. Sigma starts at INIT_FRACTION of
+PRIOR_FRACTION of it: at 0.7 of the He std the KL's pull on the means, kl_weight / (N
+prior^2), is of the order of a tuned deterministic net's weight decay; a tighter prior
+spreads a mixture's components further apart off the data but makes them less confident
+on it (a trade measured in docs/uq.md). Sigma starts at INIT_FRACTION of
 the He std, so the weight noise stays below the components' disagreement; the sigmas' own
 learning rate (`make_optimizer(rho_lr_scale=...)`) and a tempered KL (`kl_weight`) let the
-data shape them from there. docs/uq.md measures every choice (round 4 for these two).
+data shape them from there. docs/uq.md measures every choice (rounds 4 and 5 for these two).
 
 Inside `hpcbnn.bnn.noise.sampling(...)` an input has k*B rows, sample-major, and a layer
 evaluates the k samples together: Linear with one batched matmul on [k, B*, in], Conv
@@ -46,7 +47,7 @@ from hpcbnn.ppl.tracing import tracing
 Estimator = Literal["reparam", "flipout", "local"]
 ESTIMATORS: tuple[Estimator, ...] = get_args(Estimator)
 FAN_IN: Literal["fan_in"] = "fan_in"
-PRIOR_FRACTION = 0.5  # prior std / He std with prior_scale="fan_in" (docs/uq.md, round 4)
+PRIOR_FRACTION = 0.7  # prior std / He std with prior_scale="fan_in" (docs/uq.md, round 5; round 4: 0.5)
 INIT_FRACTION = 0.01  # initial sigma / He std with init_std="fan_in" (docs/uq.md, round 4)
 Scale = Union[float, Literal["fan_in"]]
 

@@ -47,8 +47,8 @@ class Config:
     pretrained: Optional[str] = None
     """A local file with deterministic weights (a state_dict) to centre the posterior on."""
     prior_scale: Union[float, Literal["fan_in"]] = "fan_in"
-    """Standard deviation of the Gaussian prior on every weight; fan_in: half each layer's He std
-    sqrt(2/fan_in) (docs/uq.md, round 4)."""
+    """Standard deviation of the Gaussian prior on every weight; fan_in: 0.7 of each layer's He std
+    sqrt(2/fan_in) (docs/uq.md, round 5)."""
     init_std: Union[float, Literal["fan_in"]] = "fan_in"
     """Initial posterior standard deviation; fan_in: a hundredth of each layer's He std."""
     rho_lr_scale: float = RHO_LR_SCALE
