@@ -415,7 +415,7 @@ def paired(runs: Runs) -> list[dict[str, Any]]:
     rows = []
     for i, (what, a, b, met) in enumerate(checks(mean["bnn"], mean["deterministic"], mean["ensemble"])):
         leads = np.array([t[i][1] - t[i][2] for t in per_run])
-        se = float(leads.std(ddof=1) / math.sqrt(len(leads))) if len(leads) > 1 else math.nan
+        se = float(leads.std(ddof=1) / math.sqrt(len(leads))) if len(leads) > 1 else None  # JSON has no NaN
         held = sum(is_met(float(x), per_run[0][i][3]) for x in leads)
         rows.append(
             {
@@ -435,11 +435,15 @@ def paired(runs: Runs) -> list[dict[str, Any]]:
 def bar(name: str, runs: Runs) -> list[str]:
     """The issue's targets for the default BNN on one protocol, each with its numbers, met / NOT met, and
     the paired lead over the runs."""
-    return [
-        f"{name:<10} {r['target']:<38} {r['bnn']:.4f} vs {r['reference']:.4f}  {'met' if r['met'] else 'NOT met':<8}"
-        f" lead {r['lead']:+.4f} +- {r['se']:.4f} s.e., holds in {r['runs_met']} of {r['runs']} runs"
-        for r in paired(runs)
-    ]
+    lines = []
+    for r in paired(runs):
+        se = "" if r["se"] is None else f" +- {r['se']:.4f} s.e."
+        verdict = "met" if r["met"] else "NOT met"
+        lines.append(
+            f"{name:<10} {r['target']:<38} {r['bnn']:.4f} vs {r['reference']:.4f}  {verdict:<8}"
+            f" lead {r['lead']:+.4f}{se}, holds in {r['runs_met']} of {r['runs']} runs"
+        )
+    return lines
 
 
 def regression_results(quick: bool) -> dict | None:

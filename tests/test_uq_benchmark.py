@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -17,7 +19,7 @@ def test_smoke_run_reports_finite_headline_keys(tmp_path):
     command = [sys.executable, "-m", "benchmarks.uq", "--smoke", "--folds", "2", "--out", str(tmp_path)]
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = json.loads(proc.stdout.strip().splitlines()[-1], parse_constant=pytest.fail)  # strict JSON: no NaN
     assert set(report["protocols"]) == {"heldout", "rotated"}
     for name, methods in report["protocols"].items():
         for method in ("bnn", "deterministic", "ensemble"):
