@@ -405,17 +405,22 @@ def checks(bnn: dict[str, float], det: dict[str, float], ens: dict[str, float]) 
     return [(what, abs(a), abs(b), is_met(a - b, m)) for what, a, b, m in targets(bnn, det, ens, best_score(bnn))]
 
 
-def paired(runs: Runs) -> list[dict[str, Any]]:
+def paired(runs: Runs, seeds: int) -> list[dict[str, Any]]:
     """Each target judged on the means over runs (as `checks`), with the BNN's lead over its reference
-    (higher is better) per run: its mean, standard error, and the runs in which the target holds. Runs
-    of one fold and seed share their data, so the lead per run removes the split's share of the noise."""
+    (higher is better) per run, its mean, a standard error, and the runs in which the target holds.
+
+    The methods of one fold and seed share their data, so the lead removes the split's share of the
+    noise. A seed draws the same initial weights in every fold, so the standard error is taken over the
+    seeds (each seed's lead averaged over the folds); with one seed, over the folds, which then leaves
+    out the spread of the initial weights. `runs` are fold-major: run i is fold i // seeds."""
     mean = summarise(runs)
     best = best_score(mean["bnn"])
     per_run = [targets(b, d, e, best) for b, d, e in zip(runs["bnn"], runs["deterministic"], runs["ensemble"])]
     rows = []
     for i, (what, a, b, met) in enumerate(checks(mean["bnn"], mean["deterministic"], mean["ensemble"])):
         leads = np.array([t[i][1] - t[i][2] for t in per_run])
-        se = float(leads.std(ddof=1) / math.sqrt(len(leads))) if len(leads) > 1 else None  # JSON has no NaN
+        groups = leads.reshape(-1, seeds).mean(0) if seeds > 1 else leads
+        se = float(groups.std(ddof=1) / math.sqrt(len(groups))) if len(groups) > 1 else None  # JSON has no NaN
         held = sum(is_met(float(x), per_run[0][i][3]) for x in leads)
         rows.append(
             {
@@ -425,6 +430,7 @@ def paired(runs: Runs) -> list[dict[str, Any]]:
                 "met": met,
                 "lead": float(leads.mean()),
                 "se": se,
+                "se_over": f"{len(groups)} {'seeds' if seeds > 1 else 'folds'}",
                 "runs_met": held,
                 "runs": len(leads),
             }
@@ -432,12 +438,12 @@ def paired(runs: Runs) -> list[dict[str, Any]]:
     return rows
 
 
-def bar(name: str, runs: Runs) -> list[str]:
+def bar(name: str, runs: Runs, seeds: int) -> list[str]:
     """The issue's targets for the default BNN on one protocol, each with its numbers, met / NOT met, and
     the paired lead over the runs."""
     lines = []
-    for r in paired(runs):
-        se = "" if r["se"] is None else f" +- {r['se']:.4f} s.e."
+    for r in paired(runs, seeds):
+        se = "" if r["se"] is None else f" +- {r['se']:.4f} (s.e. over {r['se_over']})"
         verdict = "met" if r["met"] else "NOT met"
         lines.append(
             f"{name:<10} {r['target']:<38} {r['bnn']:.4f} vs {r['reference']:.4f}  {verdict:<8}"
@@ -489,7 +495,7 @@ def benchmark(args: argparse.Namespace) -> None:
     print()
     print(table(rows, ("mi_in", "mi_out", "fpr95_maxprob", "fpr95_entropy", "sigma_q05", "sigma_q50", "sigma_q95")))
     print()
-    print("\n".join(line for name, r in runs.items() for line in bar(name, r)))
+    print("\n".join(line for name, r in runs.items() for line in bar(name, r, len(seeds))))
     with open(out / "results.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["protocol", "method", "metric", "mean", "std"])
@@ -504,7 +510,7 @@ def benchmark(args: argparse.Namespace) -> None:
             for method, per_run in methods.items():
                 for i, values in enumerate(per_run):
                     fold, seed = divmod(i, len(seeds))
-                    writer.writerows([proto, method, fold, seed, k, f"{v:.6g}"] for k, v in values.items())
+                    writer.writerows([proto, method, fold, seed, k, f"{v:.9g}"] for k, v in values.items())
     regression = None if args.smoke else regression_results(args.quick)
     if regression is not None:
         module = importlib.import_module("benchmarks.uq_regression")
@@ -516,7 +522,7 @@ def benchmark(args: argparse.Namespace) -> None:
             proto: {m: {k: v for k, v in values.items() if not k.endswith("_std")} for m, values in methods.items()}
             for proto, methods in results.items()
         },
-        "bar": {name: paired(r) for name, r in runs.items()},
+        "bar": {name: paired(r, len(seeds)) for name, r in runs.items()},
     }
     if regression is not None:
         report["regression"] = regression

@@ -38,4 +38,6 @@ def test_smoke_run_reports_finite_headline_keys(tmp_path):
         nll_lead = [value[("deterministic", f, "nll")] - value[("bnn", f, "nll")] for f in ("0", "1")]
         assert math.isclose(rows[0]["lead"], sum(nll_lead) / 2, rel_tol=1e-4, abs_tol=1e-6)
         assert rows[0]["met"] == (rows[0]["bnn"] < rows[0]["reference"]) and rows[0]["runs"] == 2
+        se = abs(nll_lead[0] - nll_lead[1]) / 2  # the standard error of two runs' mean, here over the 2 folds
+        assert rows[0]["se_over"] == "2 folds" and math.isclose(rows[0]["se"], se, rel_tol=1e-3, abs_tol=1e-6)
         assert math.isclose(rows[0]["bnn"], report["protocols"][name]["bnn"]["nll"], rel_tol=1e-9)
