@@ -392,11 +392,12 @@ def targets(
 
 
 def is_met(lead: float, margin: float) -> bool:
-    """ "below"/"above" are strict, tolerances are not."""
+    """Whether a target holds at this lead: "below" and "above" are strict, the tolerances are not."""
     return lead > 0 if margin == 0 else lead >= margin
 
 
 def best_score(bnn: dict[str, float]) -> str:
+    """The BNN's best OOD score by AUROC; its best is what the issue compares with det. max-prob."""
     return max(SCORES, key=lambda k: bnn[f"auroc_{k}"])
 
 
@@ -825,10 +826,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if args.tune:
-        {1: tune, 2: tune_round2, 3: tune_round3}[args.round](args) if args.round < 4 else tune_ranked(
-            args, args.round, ROUNDS_RANKED[args.round]
-        )
+    if args.tune and args.round not in ROUNDS_RANKED and args.folds > 1:
+        parser.error(f"--folds applies to the benchmark and to --tune --round {'/'.join(map(str, ROUNDS_RANKED))}")
+    if args.tune and args.round in ROUNDS_RANKED:
+        tune_ranked(args, args.round, ROUNDS_RANKED[args.round])
+    elif args.tune:
+        {1: tune, 2: tune_round2, 3: tune_round3}[args.round](args)
     else:
         benchmark(args)
 

@@ -4,10 +4,9 @@ Each weight w has a posterior N(mu, sigma^2), sigma = softplus(rho), and the pri
 N(0, prior_scale^2) with a closed-form KL. By default both scale with the layer's fan-in
 (`"fan_in"`), from He's sqrt(2 / fan_in), the scale at which a ReLU network's activations
 neither blow up nor vanish (a unit prior on a 64-input layer is 8x that). The prior is
-PRIOR_FRACTION of it: at 0.7 of the He std the KL's pull on the means, kl_weight / (N
-prior^2), is of the order of a tuned deterministic net's weight decay; a tighter prior
-spreads a mixture's components further apart off the data but makes them less confident
-on it (a trade measured in docs/uq.md). Sigma starts at INIT_FRACTION of
+PRIOR_FRACTION of it (0.7). The KL pulls the means with kl_weight / (N prior^2) per unit
+of weight; a tighter prior spreads a mixture's components further apart off the data but
+makes them less confident on it, a trade measured in docs/uq.md. Sigma starts at INIT_FRACTION of
 the He std, so the weight noise stays below the components' disagreement; the sigmas' own
 learning rate (`make_optimizer(rho_lr_scale=...)`) and a tempered KL (`kl_weight`) let the
 data shape them from there. docs/uq.md measures every choice (rounds 4 and 5 for these two).
