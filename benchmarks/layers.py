@@ -40,6 +40,7 @@ from hpcbnn.bnn.layers import ESTIMATORS, kl_divergence
 from hpcbnn.bnn.models import mlp, small_vit
 from hpcbnn.bnn.noise import sampling
 from hpcbnn.bnn.objectives import categorical_loglik, elbo_loss
+from hpcbnn.bnn.softplus import shared as shared_softplus
 
 N_TRAIN = 50_000
 GOALS = {("mlp", "reparam"): 1.5, ("mlp", "flipout"): 2.5, ("mlp", "local"): 2.2, ("vit", "reparam"): 1.5}
@@ -83,10 +84,13 @@ class Step:
             b = self.batch
             for first in range(0, self.samples, self.chunk):  # as hpcbnn's Engine.step does
                 part = range(first, min(self.samples, first + self.chunk))
-                with sampling(0, self.t, part):
-                    out = self.net(self.x.expand(len(part), *self.x.shape).reshape(len(part) * b, *self.x.shape[1:]))
+                x = self.x.expand(len(part), *self.x.shape).reshape(len(part) * b, *self.x.shape[1:])
+                with shared_softplus():  # as the Engine: the samples and the KL share each sigma
+                    with sampling(0, self.t, part):
+                        out = self.net(x)
+                    kl = kl_divergence(self.net)
                 loglik = categorical_loglik(out.view(len(part), b, -1), self.y)
-                (elbo_loss(loglik, kl_divergence(self.net), N_TRAIN) * (len(part) / self.samples)).backward()
+                (elbo_loss(loglik, kl, N_TRAIN) * (len(part) / self.samples)).backward()
         else:
             F.cross_entropy(self.net(self.x), self.y).backward()
         self.opt.step()

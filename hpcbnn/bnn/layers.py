@@ -39,6 +39,7 @@ from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from hpcbnn.bnn.noise import current, example_noise, next_key, weight_noise
+from hpcbnn.bnn.softplus import softplus
 from hpcbnn.bnn.variables import traced_forward
 from hpcbnn.errors import UsageError
 from hpcbnn.ppl.tracing import tracing
@@ -178,17 +179,17 @@ class BayesianModule(KLTerm):
     def sample_bias(self, eps_b: Tensor | None) -> Tensor | None:
         if self.bias_mu is None or eps_b is None:
             return None
-        return torch.addcmul(self.bias_mu, F.softplus(self.bias_rho), eps_b)
+        return torch.addcmul(self.bias_mu, softplus(self.bias_rho), eps_b)
 
     def sample(self) -> tuple[Tensor, Tensor | None]:
         """k weight samples [k, *weight] and bias samples [k, bias]."""
         eps_w, eps_b = self.noise()
-        return torch.addcmul(self.weight_mu, F.softplus(self.weight_rho), eps_w), self.sample_bias(eps_b)
+        return torch.addcmul(self.weight_mu, softplus(self.weight_rho), eps_w), self.sample_bias(eps_b)
 
     def perturbed(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         """x through the k weight perturbations sigma * eps_s (Flipout's second op), and the k sampled biases."""
         eps_w, eps_b = self.noise()
-        return self.batched_op(x, F.softplus(self.weight_rho) * eps_w, None), self.sample_bias(eps_b)
+        return self.batched_op(x, softplus(self.weight_rho) * eps_w, None), self.sample_bias(eps_b)
 
     # The estimators, each written once: a layer supplies its deterministic `op` and the
     # `batched_op` that applies k weight samples in one call, the estimators compose them.
@@ -227,8 +228,8 @@ class BayesianModule(KLTerm):
         mean = self.op(x, self.weight_mu, self.bias_mu)
         var = self.op(
             x.square(),
-            F.softplus(self.weight_rho).square(),
-            None if self.bias_rho is None else F.softplus(self.bias_rho).square(),
+            softplus(self.weight_rho).square(),
+            None if self.bias_rho is None else softplus(self.bias_rho).square(),
         )
         noise = example_noise(self.noise_key, x.shape[0], mean.shape[1:], mean.dtype, mean.device)
         return torch.addcmul(mean, var.clamp_min(torch.finfo(var.dtype).tiny).sqrt(), noise)
@@ -257,7 +258,7 @@ class _GaussianKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, mu: Tensor, rho: Tensor, s: float) -> Tensor:
-        sigma = F.softplus(rho)
+        sigma = softplus(rho)
         flat, m = sigma.view(-1), mu.reshape(-1)
         quadratic = (torch.dot(flat, flat) + torch.dot(m, m)) / (2 * s * s)
         ctx.save_for_backward(mu, rho, sigma)
@@ -324,7 +325,7 @@ class BayesianLinear(BayesianModule):
         y = _ReparamLinear.apply(
             x.reshape(k, -1, self.in_features),
             self.weight_mu,
-            F.softplus(self.weight_rho),
+            softplus(self.weight_rho),
             eps_w,
             self.sample_bias(eps_b),
             self if torch.is_grad_enabled() else None,
@@ -339,7 +340,7 @@ class BayesianLinear(BayesianModule):
         dy = _ReparamLinear.apply(
             x.reshape(k, -1, self.in_features),
             None,
-            F.softplus(self.weight_rho),
+            softplus(self.weight_rho),
             eps_w,
             None,
             self if torch.is_grad_enabled() else None,
@@ -373,7 +374,7 @@ class _ReparamLinear(torch.autograd.Function):
     Autograd would keep the k weight copies and eps and reduce the broadcast gradient with
     out-of-place products; here only eps is saved, the weights are rebuilt in backward in
     a workspace shared by all layers, and d/dmu, d/dsigma are sums over the k samples of
-    dW_s and dW_s * eps_s, taken as matrix-vector products. While a graph (built with grad
+    dW_s and dW_s * eps_s, taken one sample at a time (`_sample_sums`). While a graph (built with grad
     enabled) holds eps the layer carries a lease, so its next forward does not refill it.
     """
 
@@ -401,19 +402,31 @@ class _ReparamLinear(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         x3, mu, sigma, eps = ctx.saved_tensors
-        k = eps.shape[0]
-        work = _workspace(eps)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.bmm(grad, _weights(mu if ctx.has_mu else None, sigma, eps, work))
-        grad_w = torch.bmm(grad.transpose(1, 2), x3, out=work).view(k, -1)
-        ones = grad_w.new_ones(1, k)
-        grad_mu = (ones @ grad_w).view_as(sigma) if ctx.has_mu else None
-        grad_sigma = (ones @ grad_w.mul_(eps.reshape(k, -1))).view_as(sigma)
+            grad_x = torch.bmm(grad, _weights(mu if ctx.has_mu else None, sigma, eps, _workspace(eps)))
+        grad_mu, grad_sigma = _sample_sums(grad, x3, eps, ctx.has_mu)
         grad_bias = grad.sum(1) if ctx.has_bias else None
         if ctx.layer is not None and ctx.layer._lease is ctx.lease:
             ctx.layer._lease = None
         return grad_x, grad_mu, grad_sigma, None, grad_bias, None
+
+
+def _sample_sums(grad: Tensor, x3: Tensor, eps: Tensor, with_mu: bool) -> tuple[Tensor | None, Tensor]:
+    """sum_s dW_s (None without mu) and sum_s dW_s * eps_s over the k samples, dW_s = grad_s^T x_s.
+
+    Sample by sample: each dW_s is made in a cache-sized buffer and added at once to the two
+    running sums, so only eps streams from memory; the k dW_s never exist together, and the
+    sums take no matrix-vector products (docs/performance.md)."""
+    dw = torch.mm(grad[0].t(), x3[0])
+    grad_mu = dw.clone() if with_mu else None
+    grad_sigma = torch.mul(dw, eps[0])
+    for s in range(1, eps.shape[0]):
+        torch.mm(grad[s].t(), x3[s], out=dw)
+        grad_sigma.addcmul_(dw, eps[s])
+        if grad_mu is not None:
+            grad_mu.add_(dw)
+    return grad_mu, grad_sigma
 
 
 def _weights(mu: Tensor | None, sigma: Tensor, eps: Tensor, out: Tensor) -> Tensor:

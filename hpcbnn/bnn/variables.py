@@ -25,11 +25,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch import distributions as D
 
 from hpcbnn.bnn.noise import current
+from hpcbnn.bnn.softplus import softplus
 from hpcbnn.errors import UsageError
 from hpcbnn.ppl.random_variable import RandomVariable
 from hpcbnn.ppl.tracing import traceable
@@ -59,7 +59,7 @@ def layer_variable(
 ) -> RandomVariable:
     """The `part` ("weight" or "bias") of `layer` as a random variable holding k samples."""
     mu, rho = (layer.weight_mu, layer.weight_rho) if part == "weight" else (layer.bias_mu, layer.bias_rho)
-    sigma = F.softplus(rho)
+    sigma = softplus(rho)
     posterior = D.Normal(mu, sigma, validate_args=False)
     prior = D.Normal(mu.new_zeros(()), mu.new_full((), layer.prior_scale), validate_args=False)
     if value is None:

@@ -28,6 +28,7 @@ from hpcbnn.bnn.objectives import (
     gaussian_loglik,
     predictive_loss,
 )
+from hpcbnn.bnn.softplus import shared as shared_softplus
 from hpcbnn.errors import UsageError
 from hpcbnn.parallel.collectives import Collectives
 from hpcbnn.parallel.grid import ProcessGrid
@@ -155,13 +156,14 @@ class Engine:
     def loss(self, x: Tensor, y: Tensor, rows: slice, step: int, samples: list[int]) -> tuple[Tensor, Tensor, Tensor]:
         """This rank's objective on its `samples`, and its expected-NLL and KL parts."""
         k, b, x = len(samples), x.shape[0], x.to(self.dtype)
-        with (
-            sampling(self.seed, step, samples, rows, self.batch_size),
-            torch.autocast(self.grid.device.type, torch.bfloat16, enabled=self.amp),
-        ):
-            out = self.model(self.inputs(x, rows, step, samples))
+        with shared_softplus():  # the forward's samples and the KL compute each sigma once
+            with (
+                sampling(self.seed, step, samples, rows, self.batch_size),
+                torch.autocast(self.grid.device.type, torch.bfloat16, enabled=self.amp),
+            ):
+                out = self.model(self.inputs(x, rows, step, samples))
+            kl = kl_divergence(self.model)
         loglik = self.loglik(out.to(self.dtype).view(k, b, *out.shape[1:]), y)
-        kl = kl_divergence(self.model)
         loss = self.objective(
             loglik,
             kl,
@@ -203,11 +205,12 @@ class Engine:
         b, x = x.shape[0], x.to(self.dtype)
         outs = []
         chunk = self.sample_chunk or len(local)
-        for i in range(0, len(local), chunk):
-            part = local[i : i + chunk]
-            with sampling(self.seed, EVAL_STEP, part, rows, global_batch):
-                out = self.model(x.expand(len(part), *x.shape).reshape(len(part) * b, *x.shape[1:]))
-            outs.append(out.view(len(part), b, *out.shape[1:]))
+        with shared_softplus():
+            for i in range(0, len(local), chunk):
+                part = local[i : i + chunk]
+                with sampling(self.seed, EVAL_STEP, part, rows, global_batch):
+                    out = self.model(x.expand(len(part), *x.shape).reshape(len(part) * b, *x.shape[1:]))
+                outs.append(out.view(len(part), b, *out.shape[1:]))
         out = torch.cat(outs) if len(outs) > 1 else outs[0]
         return self.comm.allgather(out.contiguous(), "sample")
 

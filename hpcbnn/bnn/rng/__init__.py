@@ -35,6 +35,11 @@ __all__ = ["CompilerNotFound", "fill_normal", "isa"]
 _SOURCE = Path(__file__).with_name("normal.c")
 # Value-safe flags only: no contraction into FMA, no reassociation (normal.c relies on it).
 _COMMON = ["-O3", "-ffp-contract=off", "-fno-fast-math", "-fno-math-errno", "-fPIC", "-shared", "-pthread"]
+# OpenMP first: the kernel then runs in the pool torch's own ops use (torch's libgomp, loaded
+# first, answers to the same soname), whose threads spin awake after each op and would otherwise
+# take half the cores from freshly started threads (docs/performance.md); plain pthreads where the
+# compiler has no OpenMP.
+_THREADING: tuple[list[str], ...] = (["-fopenmp"], [])
 _X86 = platform.machine().lower() in ("x86_64", "amd64")
 _ISA_FLAGS: dict[str, list[str]] = {
     "scalar": ["-fno-tree-vectorize", "-fno-tree-slp-vectorize"],
@@ -108,7 +113,11 @@ def _library(name: str) -> ctypes.CDLL:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if not path.exists():  # another rank may have built it while we waited
                 tmp = path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")  # a shared $HOME
-                proc = subprocess.run([cc, *flags, "-o", str(tmp), str(_SOURCE)], capture_output=True, text=True)
+                for threading_flags in _THREADING:
+                    cmd = [cc, *flags, *threading_flags, "-o", str(tmp), str(_SOURCE)]
+                    proc = subprocess.run(cmd, capture_output=True, text=True)
+                    if not proc.returncode:
+                        break
                 if proc.returncode:
                     tmp.unlink(missing_ok=True)
                     raise RuntimeError(f"building {_SOURCE} with {cc} failed:\n{proc.stderr}")
@@ -128,8 +137,9 @@ def fill_normal(
     """Fill each row out[j] (contiguous, k = len(seeds) rows) with standard normal draws from seeds[j].
 
     Element i of a row is draw `offset + i` of its seed (a 64-bit unsigned int), so a rank can
-    draw just its slice of a longer row. Uses torch.get_num_threads() threads (the ctypes call
-    releases the GIL); the values do not depend on it. `isa_name` forces a code path (tests).
+    draw just its slice of a longer row. Uses torch.get_num_threads() threads, from torch's OpenMP
+    pool where the kernel was built with OpenMP (the ctypes call releases the GIL); the values do
+    not depend on them. `isa_name` forces a code path (tests).
     """
     if out.device.type != "cpu" or not out.is_contiguous() or out.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"fill_normal needs a contiguous CPU float32/float64 tensor, got {out.dtype} on {out.device}")

@@ -302,9 +302,13 @@ static int fill(void *out, const uint64_t *seeds, int64_t k, int64_t n, uint64_t
     if (nt > MAX_THREADS) nt = MAX_THREADS;
     if (nt < 1) nt = 1;
     job_t jobs[MAX_THREADS];
-    pthread_t tids[MAX_THREADS];
     for (int64_t t = 0; t < nt; t++)
         jobs[t] = (job_t){out, seeds, n, offset, first, tiles, units * t / nt, units * (t + 1) / nt, f64};
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(nt) schedule(static, 1)
+    for (int64_t t = 0; t < nt; t++) run(&jobs[t]);
+#else
+    pthread_t tids[MAX_THREADS];
     int64_t started = 1;
     for (; started < nt; started++)
         if (pthread_create(&tids[started], NULL, run, &jobs[started])) break;
@@ -312,6 +316,7 @@ static int fill(void *out, const uint64_t *seeds, int64_t k, int64_t n, uint64_t
     run(&jobs[0]);
     for (int64_t t = started; t < nt; t++) run(&jobs[t]);
     for (int64_t t = 1; t < started; t++) pthread_join(tids[t], NULL);
+#endif
     return (int)nt;
 }
 
