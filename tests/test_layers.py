@@ -122,6 +122,19 @@ def test_noise_is_a_function_of_seed_step_sample_and_layer():
     assert not torch.allclose(out(a, 0, 1), out(b, 0, 1)), "each layer draws its own noise"
 
 
+@pytest.mark.parametrize("inside", [True, False])
+def test_flipout_signs_are_fair_plus_or_minus_one(inside):
+    """Signs come from the fast normal kernel's draws (inside sampling) or torch's (outside)."""
+    from contextlib import nullcontext
+
+    from hpcbnn.bnn.noise import example_noise
+
+    with sampling(0, 3, range(2)) if inside else nullcontext():
+        signs = example_noise(5, 2 * 500, (100,), torch.float32, torch.device("cpu"), kind="sign")
+    assert signs.shape == (1000, 100) and set(signs.unique().tolist()) == {-1.0, 1.0}
+    assert abs(signs.mean().item()) < 4 / math.sqrt(signs.numel())  # 4 standard errors of a fair sign
+
+
 def test_outside_sampling_train_draws_and_eval_is_the_posterior_mean():
     layer, x = make("linear"), inputs("linear", 2)
     assert not torch.allclose(layer(x), layer(x)), "training mode samples from the global RNG"
@@ -202,6 +215,33 @@ def test_flipout_linear_fast_path_equals_the_generic_flipout(shape):
             out = layer(xg)
         (out ** 3).sum().backward()
         results.append([out.detach(), xg.grad] + [p.grad.clone() for p in layer.parameters()])
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape,bias", [((3, 5), True), ((3, 2, 5), True), ((3, 5), False)])
+def test_local_linear_fast_path_equals_the_generic_local_reparam(shape, bias):
+    """BayesianLinear's local reparameterisation (gradients written out, in-place elementwise
+    work) gives the generic estimator's outputs and gradients, with a token axis and without a
+    bias, where an all-zero input row makes the variance 0: clamped, it passes no gradient."""
+    from hpcbnn.bnn.layers import BayesianModule
+
+    torch.manual_seed(0)
+    fused = BayesianLinear(5, 4, bias=bias, estimator="local", init_std=0.2, dtype=D64)
+    generic = BayesianLinear(5, 4, bias=bias, estimator="local", init_std=0.2, dtype=D64)
+    generic.load_state_dict(fused.state_dict())
+    generic.noise_key = fused.noise_key
+    generic.local_reparam = lambda t: BayesianModule.local_reparam(generic, t)
+    x = torch.randn(*shape, dtype=D64, generator=torch.Generator().manual_seed(3))
+    x[0] = 0
+    results = []
+    for layer in (fused, generic):
+        xg = stack(x, 4).requires_grad_()
+        with sampling(0, 1, range(4)):
+            out = layer(xg)
+        (out ** 3).sum().backward()
+        results.append([out.detach(), xg.grad] + [p.grad.clone() for p in layer.parameters()])
+    assert results[0][1].isfinite().all()
     for a, b in zip(*results):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
 
