@@ -149,6 +149,45 @@ def test_every_code_path_gives_the_scalar_bits(dtype, threads):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_mu", [True, False])
+def test_weight_samples_written_with_the_draws_are_one_fma_on_every_code_path(dtype, with_mu, threads):
+    """A layer's weight samples mu + sigma * eps_s (or sigma * eps_s), written in the pass that
+    draws eps (rows of weights then bias): the draws are unchanged, the samples are the exactly
+    rounded fma on every code path and thread count, and scale_shift gives the same bits later."""
+    threads(2)
+    k, m, n = 3, 4000, 4100
+    gen = torch.Generator().manual_seed(0)
+    mu = torch.randn(40, 100, dtype=dtype, generator=gen) if with_mu else None
+    sigma = torch.rand(40, 100, dtype=dtype, generator=gen)
+    draws = _draw(SEEDS[:k], n, dtype, 7)
+    eps = draws[:, :m].view(k, 40, 100)
+    exact = sigma.double() * eps.double() + (0 if mu is None else mu.double())  # float32's fma, before its rounding
+    first = None
+    for name in _paths():
+        for t in (1, 2):
+            threads(t)
+            out, w = torch.empty(k, n, dtype=dtype), torch.empty(k, 40, 100, dtype=dtype)
+            fill_normal(out, SEEDS[:k], 7, weights=(mu, sigma, w), isa_name=name)
+            assert torch.equal(out, draws), name
+            if dtype == torch.float32:
+                assert torch.equal(w, exact.float()), name
+            else:  # the reference rounds twice: within 2 ulps of the terms, and the same bits on every path
+                scale = (sigma * eps).abs() + (0 if mu is None else mu.abs())
+                assert torch.all((w - exact).abs() <= 2**-51 * scale), name
+            first = w if first is None else first
+            assert torch.equal(w, first), name
+            assert torch.equal(rng.scale_shift(torch.empty_like(w), draws[:, :m], sigma, mu), w)
+
+
+def test_weight_samples_of_the_wrong_shape_are_refused():
+    out, sigma = torch.empty(2, 10), torch.ones(8)
+    with pytest.raises(ValueError, match="weights"):
+        fill_normal(out, [1, 2], weights=(None, sigma, torch.empty(2, 7)))
+    with pytest.raises(ValueError, match="weights"):
+        fill_normal(out, [1, 2], weights=(torch.ones(8, dtype=torch.float64), sigma, torch.empty(2, 8)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_flush_to_zero_changes_nothing(dtype):
     ref = _draw(SEEDS, 10_000, dtype)
     torch.set_flush_denormal(True)

@@ -38,7 +38,8 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from hpcbnn.bnn.noise import current, example_noise, next_key, weight_noise
+from hpcbnn.bnn.noise import current, example_noise, next_key, weight_noise, weight_samples
+from hpcbnn.bnn.rng import Weights
 from hpcbnn.bnn.softplus import softplus
 from hpcbnn.bnn.variables import traced_forward
 from hpcbnn.errors import UsageError
@@ -159,18 +160,19 @@ class BayesianModule(KLTerm):
             return len(ctx.samples)
         return 1 if self.training else 0
 
-    def noise(self, reuse: bool = False) -> tuple[Tensor, Tensor | None]:
+    def noise(self, reuse: bool = False, weights: Weights | None = None) -> tuple[Tensor, Tensor | None]:
         """eps for the k samples: [k, *weight] and [k, bias] (or None), drawn together.
 
         With `reuse`, the previous step's buffer is refilled unless a graph that has not
         been back-propagated yet still holds it (see `_ReparamLinear`): fresh large
-        allocations cost page faults on every step.
+        allocations cost page faults on every step. `weights` = (mu, sigma, w) also writes
+        the weight samples w_s = mu + sigma * eps_s in the same pass (`weight_noise`).
         """
         mu_w = self.weight_mu
         nw = mu_w.numel()
         nb = 0 if self.bias_mu is None else self.bias_mu.numel()
         spare = self._eps if reuse and self._lease is None else None
-        eps = weight_noise(self.noise_key, (nw + nb,), mu_w.dtype, mu_w.device, reuse=spare)
+        eps = weight_noise(self.noise_key, (nw + nb,), mu_w.dtype, mu_w.device, reuse=spare, weights=weights)
         if reuse:
             self._eps = eps
         k = eps.shape[0]
@@ -320,17 +322,26 @@ class BayesianLinear(BayesianModule):
 
     def reparam(self, x: Tensor) -> Tensor:
         """The fast path: `_ReparamLinear` keeps neither the k weight copies nor their gradients."""
-        eps_w, eps_b = self.noise(reuse=True)
-        k = eps_w.shape[0]
+        return self._sampled_linear(x, with_mu=True)[0]
+
+    def _sampled_linear(self, x: Tensor, with_mu: bool) -> tuple[Tensor, Tensor | None]:
+        """x_s w_s^T + b_s through `_ReparamLinear` with w_s = mu + sigma * eps_s, or, for flipout's
+        perturbation, x_s (sigma * eps_s)^T and the bias samples b_s apart. The draws and the
+        weight samples are written in one pass."""
+        mu, sigma = self.weight_mu if with_mu else None, softplus(self.weight_rho)
+        w = _workspace((self.samples_here(), *self.weight_mu.shape), sigma.dtype, sigma.device)
+        eps_w, eps_b = self.noise(reuse=True, weights=(mu, sigma, w))
+        k, bias = eps_w.shape[0], self.sample_bias(eps_b)
         y = _ReparamLinear.apply(
             x.reshape(k, -1, self.in_features),
-            self.weight_mu,
-            softplus(self.weight_rho),
+            mu,
+            sigma,
             eps_w,
-            self.sample_bias(eps_b),
+            bias if with_mu else None,
             self if torch.is_grad_enabled() else None,
+            w,
         )
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return y.reshape(*x.shape[:-1], self.out_features), None if with_mu else bias
 
     def local_reparam(self, x: Tensor) -> Tensor:
         """The fast path: `_LocalLinear` does the elementwise work in place and in few passes."""
@@ -349,17 +360,7 @@ class BayesianLinear(BayesianModule):
     def perturbed(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         """Flipout's second op through `_ReparamLinear` with mu = None: the k perturbations
         sigma * eps_s are neither kept nor reduced by autograd."""
-        eps_w, eps_b = self.noise(reuse=True)
-        k = eps_w.shape[0]
-        dy = _ReparamLinear.apply(
-            x.reshape(k, -1, self.in_features),
-            None,
-            softplus(self.weight_rho),
-            eps_w,
-            None,
-            self if torch.is_grad_enabled() else None,
-        )
-        return dy.reshape(*x.shape[:-1], self.out_features), self.sample_bias(eps_b)
+        return self._sampled_linear(x, with_mu=False)
 
 
 def _add_sample_bias(out: Tensor, b: Tensor, channel_dim: int) -> Tensor:
@@ -401,8 +402,8 @@ class _ReparamLinear(torch.autograd.Function):
         eps: Tensor,
         bias: Tensor | None,
         layer: BayesianModule | None,
+        w: Tensor,
     ) -> Tensor:
-        w = _weights(mu, sigma, eps, _workspace(eps))
         wt = w.transpose(1, 2)
         y = torch.bmm(x3, wt) if bias is None else torch.baddbmm(bias.unsqueeze(1), x3, wt)
         ctx.save_for_backward(x3, mu, sigma, eps)
@@ -418,12 +419,13 @@ class _ReparamLinear(torch.autograd.Function):
         x3, mu, sigma, eps = ctx.saved_tensors
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.bmm(grad, _weights(mu if ctx.has_mu else None, sigma, eps, _workspace(eps)))
+            w = weight_samples(eps, sigma, mu if ctx.has_mu else None, _workspace(eps.shape, eps.dtype, eps.device))
+            grad_x = torch.bmm(grad, w)
         grad_mu, grad_sigma = _sample_sums(grad, x3, eps, ctx.has_mu)
         grad_bias = grad.sum(1) if ctx.has_bias else None
         if ctx.layer is not None and ctx.layer._lease is ctx.lease:
             ctx.layer._lease = None
-        return grad_x, grad_mu, grad_sigma, None, grad_bias, None
+        return grad_x, grad_mu, grad_sigma, None, grad_bias, None, None
 
 
 class _LocalLinear(torch.autograd.Function):
@@ -480,11 +482,6 @@ def _sample_sums(grad: Tensor, x3: Tensor, eps: Tensor, with_mu: bool) -> tuple[
     return grad_mu, grad_sigma
 
 
-def _weights(mu: Tensor | None, sigma: Tensor, eps: Tensor, out: Tensor) -> Tensor:
-    """mu + sigma * eps_s for the k samples (sigma * eps_s without mu), written into `out`."""
-    return torch.mul(sigma, eps, out=out) if mu is None else torch.addcmul(mu, sigma, eps, out=out)
-
-
 class _Workspace(threading.local):
     def __init__(self) -> None:
         self.buffers: dict[tuple[torch.device, torch.dtype], Tensor] = {}
@@ -493,13 +490,13 @@ class _Workspace(threading.local):
 _work = _Workspace()
 
 
-def _workspace(like: Tensor) -> Tensor:
-    """Scratch of `like`'s shape, shared by the layers (used only inside one forward or backward)."""
-    key = (like.device, like.dtype)
+def _workspace(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Scratch of this shape, shared by the layers (used only inside one forward or backward)."""
+    key, n = (device, dtype), math.prod(shape)
     buf = _work.buffers.get(key)
-    if buf is None or buf.numel() < like.numel():
-        buf = _work.buffers[key] = torch.empty(like.numel(), dtype=like.dtype, device=like.device)
-    return buf[: like.numel()].view(like.shape)
+    if buf is None or buf.numel() < n:
+        buf = _work.buffers[key] = torch.empty(n, dtype=dtype, device=device)
+    return buf[:n].view(shape)
 
 
 class SampledOperand:

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from hpcbnn.bnn.rng import CompilerNotFound, fill_normal
+from hpcbnn.bnn.rng import CompilerNotFound, Weights, fill_normal, scale_shift
 from hpcbnn.errors import UsageError
 
 WEIGHTS, EXAMPLES = 0, 1  # noise streams: per weight, per example
@@ -145,24 +145,48 @@ def _draw(
     _parallel(fill, out.shape[0], per, out.device)
 
 
-def _draw_normal(out: torch.Tensor, ctx: Sampling, key: int, stream: int) -> None:
-    """Standard normal noise in `out` [k, ...], row j for sample ctx.samples[j]."""
+def _draw_normal(out: torch.Tensor, ctx: Sampling, key: int, stream: int, weights: Weights | None = None) -> None:
+    """Standard normal noise in `out` [k, ...], row j for sample ctx.samples[j] (and `weights`, see weight_noise)."""
     if out.device.type != "cpu" or out.dtype not in (torch.float32, torch.float64):
         _draw(out, ctx, key, stream, lambda t, g: t.normal_(generator=g))
+        _scale_shift(out, weights)
         return
     try:
-        fill_normal(out, [generator_seed(ctx.seed, ctx.step, s, key, stream) for s in ctx.samples])
+        fill_normal(out, [generator_seed(ctx.seed, ctx.step, s, key, stream) for s in ctx.samples], weights=weights)
     except CompilerNotFound as e:
         raise UsageError(str(e)) from None
 
 
+def _scale_shift(eps: torch.Tensor, weights: Weights | None) -> None:
+    if weights is not None:
+        mu, sigma, w = weights
+        weight_samples(eps[:, : sigma.numel()], sigma, mu, w)
+
+
+def weight_samples(eps: torch.Tensor, sigma: torch.Tensor, mu: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+    """out[s] = mu + sigma * eps[s] (sigma * eps[s] without mu) for the k rows of eps, which may be
+    slices of longer rows: on the CPU the kernel's bits (those `weight_noise(weights=...)` writes),
+    elsewhere torch's."""
+    if eps.device.type == "cpu" and eps.dtype in (torch.float32, torch.float64) and eps[0].is_contiguous():
+        return scale_shift(out, eps, sigma.contiguous(), None if mu is None else mu.contiguous())
+    part = eps.reshape(out.shape)
+    return torch.mul(sigma, part, out=out) if mu is None else torch.addcmul(mu, sigma, part, out=out)
+
+
 def weight_noise(
-    key: int, shape: Sequence[int], dtype: torch.dtype, device: torch.device, reuse: torch.Tensor | None = None
+    key: int,
+    shape: Sequence[int],
+    dtype: torch.dtype,
+    device: torch.device,
+    reuse: torch.Tensor | None = None,
+    weights: Weights | None = None,
 ) -> torch.Tensor:
     """Standard normal noise [k, *shape] for the k samples of the context (k = 1 from the global RNG outside).
 
     `reuse`, a tensor from an earlier call, is refilled in place when its shape, dtype and
-    device fit: large fresh allocations cost page faults on every step.
+    device fit: large fresh allocations cost page faults on every step. `weights` = (mu, sigma, w)
+    also writes the k weight samples w[j] = sigma * eps[j, :m] + mu (m = sigma.numel()), on the
+    CPU in the same pass as the draws (hpcbnn.bnn.rng.fill_normal).
     """
     ctx = current()
     k = 1 if ctx is None else len(ctx.samples)
@@ -172,8 +196,9 @@ def weight_noise(
     else:
         out = torch.empty(full, dtype=dtype, device=device)
     if ctx is None:
-        return out.normal_()
-    _draw_normal(out, ctx, key, WEIGHTS)
+        _scale_shift(out.normal_(), weights)
+        return out
+    _draw_normal(out, ctx, key, WEIGHTS, weights)
     return out
 
 

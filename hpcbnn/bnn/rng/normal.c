@@ -13,9 +13,9 @@
  * exactly on the integer, and sin/cos are Cephes polynomials on [-pi/4, pi/4]. float32 values
  * are within ~3e-7 relative of the exact transform, float64 ones within a few ulp.
  *
- * Bit-reproducibility: only +, -, *, /, sqrt, integer ops and exact or correctly rounded
+ * Bit-reproducibility: only +, -, *, /, sqrt, fma (the weights only), integer ops and exact or correctly rounded
  * conversions, built with -ffp-contract=off and without fast-math, so scalar, SSE2, AVX2 and
- * AVX-512 code give the same bits (IEEE 754 fixes each result) and no libm is called. No
+ * AVX-512 code give the same bits (IEEE 754 fixes each result) and the draws call no libm. No
  * intermediate is subnormal (the smallest, z*z*c at the smallest float32 angle, is 1.19e-38, and
  * it is added to 1), so flush-to-zero modes change nothing either. */
 
@@ -259,13 +259,40 @@ static void tile_f64(double *restrict dst, uint32_t k0, uint32_t k1, uint64_t ti
 
 typedef struct {
     void *out;
-    const uint64_t *seeds;
-    int64_t n;       /* elements per row */
-    uint64_t offset; /* index of the row's first element */
+    const uint64_t *seeds; /* NULL: out holds the draws already, only w is written */
+    int64_t n;             /* elements per row */
+    uint64_t offset;       /* index of the row's first element */
     int64_t first_tile, tiles_per_row;
     int64_t begin, end; /* this thread's (row, tile) units */
     int f64;
+    /* w[row, i] = fma(sigma[i], out[row, i], mu[i]) for i < nw (sigma * out[row, i] without mu):
+     * a Bayesian layer's weight samples, written while the tile's draws are in L1. One rounding,
+     * as torch's addcmul on FMA hardware; fma is exact-rounded everywhere, so every code path
+     * gives the same bits. w NULL: none. */
+    const void *mu, *sigma;
+    void *w;
+    int64_t nw;
 } job_t;
+
+static void affine(const job_t *jb, int64_t row, int64_t a, int64_t b) {
+    if (!jb->w || a >= jb->nw) return;
+    if (b > jb->nw) b = jb->nw;
+    if (jb->f64) {
+        const double *restrict e = (const double *)jb->out + row * jb->n, *restrict s = jb->sigma, *restrict mu = jb->mu;
+        double *restrict w = (double *)jb->w + row * jb->nw;
+        if (mu)
+            for (int64_t i = a; i < b; i++) w[i] = __builtin_fma(s[i], e[i], mu[i]);
+        else
+            for (int64_t i = a; i < b; i++) w[i] = s[i] * e[i];
+    } else {
+        const float *restrict e = (const float *)jb->out + row * jb->n, *restrict s = jb->sigma, *restrict mu = jb->mu;
+        float *restrict w = (float *)jb->w + row * jb->nw;
+        if (mu)
+            for (int64_t i = a; i < b; i++) w[i] = __builtin_fmaf(s[i], e[i], mu[i]);
+        else
+            for (int64_t i = a; i < b; i++) w[i] = s[i] * e[i];
+    }
+}
 
 static void *run(void *arg) {
     const job_t *jb = arg;
@@ -274,17 +301,20 @@ static void *run(void *arg) {
     double buf[2 * LANES]; /* one tile of either dtype (1 KiB) */
     for (int64_t u = jb->begin; u < jb->end; u++) {
         int64_t row = u / jb->tiles_per_row, tile = jb->first_tile + u % jb->tiles_per_row;
-        uint64_t seed = jb->seeds[row];
         /* the part of this tile inside the row's elements [offset, offset + n) */
         int64_t lo = (int64_t)((uint64_t)tile * per - jb->offset), hi = lo + per;
         int64_t a = lo > 0 ? lo : 0, b = hi < jb->n ? hi : jb->n;
-        char *dst = (char *)jb->out + (row * jb->n + a) * size;
-        void *target = (a == lo && b == hi) ? (void *)dst : (void *)buf;
-        if (jb->f64)
-            tile_f64(target, (uint32_t)seed, (uint32_t)(seed >> 32), (uint64_t)tile);
-        else
-            tile_f32(target, (uint32_t)seed, (uint32_t)(seed >> 32), (uint64_t)tile);
-        if (target == buf) memcpy(dst, (char *)buf + (a - lo) * size, (size_t)(b - a) * size);
+        if (jb->seeds) {
+            uint64_t seed = jb->seeds[row];
+            char *dst = (char *)jb->out + (row * jb->n + a) * size;
+            void *target = (a == lo && b == hi) ? (void *)dst : (void *)buf;
+            if (jb->f64)
+                tile_f64(target, (uint32_t)seed, (uint32_t)(seed >> 32), (uint64_t)tile);
+            else
+                tile_f32(target, (uint32_t)seed, (uint32_t)(seed >> 32), (uint64_t)tile);
+            if (target == buf) memcpy(dst, (char *)buf + (a - lo) * size, (size_t)(b - a) * size);
+        }
+        affine(jb, row, a, b);
     }
     return NULL;
 }
@@ -292,7 +322,8 @@ static void *run(void *arg) {
 #define MAX_THREADS 256
 #define MIN_UNITS_PER_THREAD 256 /* tiles, ~60 us: starting a thread costs tens of us */
 
-static int fill(void *out, const uint64_t *seeds, int64_t k, int64_t n, uint64_t offset, int threads, int f64) {
+static int fill(void *out, const uint64_t *seeds, int64_t k, int64_t n, uint64_t offset, int threads, int f64,
+                const void *mu, const void *sigma, void *w, int64_t nw) {
     if (k <= 0 || n <= 0) return 0;
     const uint64_t per = f64 ? 2 * LANES : 4 * LANES;
     int64_t first = (int64_t)(offset / per), last = (int64_t)((offset + (uint64_t)n - 1) / per);
@@ -303,7 +334,7 @@ static int fill(void *out, const uint64_t *seeds, int64_t k, int64_t n, uint64_t
     if (nt < 1) nt = 1;
     job_t jobs[MAX_THREADS];
     for (int64_t t = 0; t < nt; t++)
-        jobs[t] = (job_t){out, seeds, n, offset, first, tiles, units * t / nt, units * (t + 1) / nt, f64};
+        jobs[t] = (job_t){out, seeds, n, offset, first, tiles, units * t / nt, units * (t + 1) / nt, f64, mu, sigma, w, nw};
 #ifdef _OPENMP
 #pragma omp parallel for num_threads(nt) schedule(static, 1)
     for (int64_t t = 0; t < nt; t++) run(&jobs[t]);
@@ -320,14 +351,17 @@ static int fill(void *out, const uint64_t *seeds, int64_t k, int64_t n, uint64_t
     return (int)nt;
 }
 
-/* out: k contiguous rows of n elements; row j gets elements [offset, offset + n) of seed seeds[j].
- * Returns the number of threads used. */
-int hpcbnn_fill_normal_f32(float *out, const uint64_t *seeds, int64_t k, int64_t n, uint64_t offset, int threads) {
-    return fill(out, seeds, k, n, offset, threads, 0);
+/* out: k contiguous rows of n elements; row j gets elements [offset, offset + n) of seed seeds[j]
+ * (seeds NULL: out is only read). With w, also w[j, i] = fma(sigma[i], out[j, i], mu[i]) for i < nw
+ * (mu NULL: sigma[i] * out[j, i]). Returns the number of threads used. */
+int hpcbnn_fill_normal_f32(float *out, const uint64_t *seeds, int64_t k, int64_t n, uint64_t offset, int threads,
+                           const float *mu, const float *sigma, float *w, int64_t nw) {
+    return fill(out, seeds, k, n, offset, threads, 0, mu, sigma, w, nw);
 }
 
-int hpcbnn_fill_normal_f64(double *out, const uint64_t *seeds, int64_t k, int64_t n, uint64_t offset, int threads) {
-    return fill(out, seeds, k, n, offset, threads, 1);
+int hpcbnn_fill_normal_f64(double *out, const uint64_t *seeds, int64_t k, int64_t n, uint64_t offset, int threads,
+                           const double *mu, const double *sigma, double *w, int64_t nw) {
+    return fill(out, seeds, k, n, offset, threads, 1, mu, sigma, w, nw);
 }
 
 /* Philox4x32-10 on n counters (4 words each) under one key: for known-answer tests. */
