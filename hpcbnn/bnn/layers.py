@@ -443,7 +443,8 @@ class _LocalLinear(torch.autograd.Function):
         sigma2 = sigma.square()
         var = torch.mm(x2, sigma2.t()) if s_b is None else torch.addmm(s_b.square(), x2, sigma2.t())
         tiny = torch.finfo(var.dtype).tiny
-        clamped = var < tiny
+        # A bias's variance keeps var >= tiny (checked on [out] numbers): then nothing is clamped
+        clamped = var < tiny if s_b is None or s_b.square().min() < tiny else None
         std = var.clamp_min_(tiny).sqrt_()
         mean = torch.mm(x, mu.t()) if b is None else torch.addmm(b, x, mu.t())
         ctx.save_for_backward(x, x2, mu, sigma, sigma2, s_b, std, noise, clamped)
@@ -454,7 +455,9 @@ class _LocalLinear(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, x2, mu, sigma, sigma2, s_b, std, noise, clamped = ctx.saved_tensors
         need = ctx.needs_input_grad
-        grad_var = torch.mul(grad, noise).div_(std).mul_(0.5).masked_fill_(clamped, 0)  # d sqrt(v)/dv = 1/(2 sqrt(v))
+        grad_var = torch.mul(grad, noise).div_(std).mul_(0.5)  # d sqrt(v) / dv = 1 / (2 sqrt(v))
+        if clamped is not None:
+            grad_var.masked_fill_(clamped, 0)
         grad_x = None
         if need[0]:
             grad_x = torch.mm(grad, mu).addcmul_(x, torch.mm(grad_var, sigma2), value=2)
