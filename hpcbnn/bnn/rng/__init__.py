@@ -1,6 +1,8 @@
 """Fast counter-based standard normal noise, bit-identical on every CPU, thread count and split.
 
     fill_normal(out, seeds)     # out: contiguous CPU [k, ...] float32/float64; row j from seeds[j]
+    fill_normal(out, seeds, weights=(mu, sigma, w))  # and w[j] = mu + sigma * out[j, :m] in the same pass
+    scale_shift(w, eps, sigma, mu)                   # the same weights, later, from draws already made
 
 Element i of row j is a pure function of (seeds[j], i) and the dtype: Philox4x32-10 keyed by the
 64-bit seed (the generator of Random123, cuRAND and JAX), Box-Muller with our own polynomials
