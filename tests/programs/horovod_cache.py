@@ -5,6 +5,7 @@ ranks agree. Unnamed, these collectives would be > 1024 distinct Horovod cache e
 usage: horovod_cache.py STEPS
 """
 
+import os
 import sys
 
 import torch
@@ -32,3 +33,4 @@ spread = flat.clone()
 comm.allreduce_([spread], "world")
 assert torch.equal(spread, flat), "ranks disagree on the parameters"
 print(f"rank {grid.rank}: {steps} steps, ranks agree", flush=True)
+print(f"rank {grid.rank}: fusion threshold {os.environ['HOROVOD_FUSION_THRESHOLD']}", flush=True)
