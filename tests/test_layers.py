@@ -246,6 +246,24 @@ def test_local_linear_fast_path_equals_the_generic_local_reparam(shape, bias):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_every_estimator_trains_under_bfloat16_autocast(estimator):
+    """`--amp`: the forward in bfloat16, the fused functions' backward in the parameters' float32
+    (it runs outside autocast); the gradients match full precision to bfloat16's accuracy."""
+    torch.manual_seed(0)
+    net = nn.Sequential(BayesianLinear(20, 30, estimator=estimator), nn.ReLU(), BayesianLinear(30, 5, estimator=estimator))
+    x = torch.randn(4 * 8, 20, generator=torch.Generator().manual_seed(2))
+    grads = []
+    for amp in (False, True):
+        net.zero_grad()
+        with sampling(0, 1, range(4)), torch.autocast("cpu", torch.bfloat16, enabled=amp):
+            out = net(x)
+        out.float().square().sum().backward()
+        grads.append(torch.cat([p.grad.reshape(-1) for p in net.parameters()]))
+    assert grads[1].dtype == torch.float32 and grads[1].isfinite().all()
+    assert (grads[1] - grads[0]).norm() < 0.05 * grads[0].norm()
+
+
 def test_two_forwards_before_one_backward_keep_their_own_noise():
     layer, x = make("linear"), inputs("linear", 2)
     with sampling(0, 1, [0, 1]):

@@ -417,6 +417,7 @@ class _ReparamLinear(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         x3, mu, sigma, eps = ctx.saved_tensors
+        grad, x3 = _parameter_dtype(sigma, grad, x3)
         grad_x = None
         if ctx.needs_input_grad[0]:
             w = weight_samples(eps, sigma, mu if ctx.has_mu else None, _workspace(eps.shape, eps.dtype, eps.device))
@@ -454,6 +455,7 @@ class _LocalLinear(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, x2, mu, sigma, sigma2, s_b, std, noise, clamped = ctx.saved_tensors
+        grad, x, x2, std, noise = _parameter_dtype(sigma, grad, x, x2, std, noise)
         need = ctx.needs_input_grad
         grad_var = torch.mul(grad, noise).div_(std).mul_(0.5)  # d sqrt(v) / dv = 1 / (2 sqrt(v))
         if clamped is not None:
@@ -466,6 +468,12 @@ class _LocalLinear(torch.autograd.Function):
         grad_b = grad.sum(0) if need[3] else None
         grad_s_b = grad_var.sum(0).mul_(s_b).mul_(2) if s_b is not None and need[4] else None
         return grad_x, grad_mu, grad_sigma, grad_b, grad_s_b, None
+
+
+def _parameter_dtype(like: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:
+    """The tensors in the parameters' dtype: under autocast the forward ran in bfloat16 and the
+    backward of a custom Function runs outside it, so the gradients are taken in full precision."""
+    return tuple(t.to(like.dtype) for t in tensors)
 
 
 def _sample_sums(grad: Tensor, x3: Tensor, eps: Tensor, with_mu: bool) -> tuple[Tensor | None, Tensor]:
