@@ -197,6 +197,15 @@ def test_reparam_linear_gradient_equals_a_loop_over_samples():
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
 
 
+def outputs_and_gradients(layer: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """4 samples of x through the layer: its outputs, then the gradients of sum(out^3) for x and each parameter."""
+    xg = stack(x, 4).requires_grad_()
+    with sampling(0, 1, range(4)):
+        out = layer(xg)
+    (out ** 3).sum().backward()
+    return [out.detach(), xg.grad] + [p.grad.clone() for p in layer.parameters()]
+
+
 @pytest.mark.parametrize("shape", [(3, 5), (3, 2, 5)])
 def test_flipout_linear_fast_path_equals_the_generic_flipout(shape):
     """BayesianLinear's flipout (perturbation through the fused function) gives the generic
@@ -208,13 +217,7 @@ def test_flipout_linear_fast_path_equals_the_generic_flipout(shape):
     generic.noise_key = fused.noise_key
     generic.perturbed = lambda t: BayesianModule.perturbed(generic, t)
     x = torch.randn(*shape, dtype=D64, generator=torch.Generator().manual_seed(3))
-    results = []
-    for layer in (fused, generic):
-        xg = stack(x, 4).requires_grad_()
-        with sampling(0, 1, range(4)):
-            out = layer(xg)
-        (out ** 3).sum().backward()
-        results.append([out.detach(), xg.grad] + [p.grad.clone() for p in layer.parameters()])
+    results = [outputs_and_gradients(layer, x) for layer in (fused, generic)]
     for a, b in zip(*results):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
 
@@ -234,13 +237,7 @@ def test_local_linear_fast_path_equals_the_generic_local_reparam(shape, bias):
     generic.local_reparam = lambda t: BayesianModule.local_reparam(generic, t)
     x = torch.randn(*shape, dtype=D64, generator=torch.Generator().manual_seed(3))
     x[0] = 0
-    results = []
-    for layer in (fused, generic):
-        xg = stack(x, 4).requires_grad_()
-        with sampling(0, 1, range(4)):
-            out = layer(xg)
-        (out ** 3).sum().backward()
-        results.append([out.detach(), xg.grad] + [p.grad.clone() for p in layer.parameters()])
+    results = [outputs_and_gradients(layer, x) for layer in (fused, generic)]
     assert results[0][1].isfinite().all()
     for a, b in zip(*results):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
