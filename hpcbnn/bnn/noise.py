@@ -149,7 +149,7 @@ def _draw_normal(out: torch.Tensor, ctx: Sampling, key: int, stream: int, weight
     """Standard normal noise in `out` [k, ...], row j for sample ctx.samples[j] (and `weights`, see weight_noise)."""
     if out.device.type != "cpu" or out.dtype not in (torch.float32, torch.float64):
         _draw(out, ctx, key, stream, lambda t, g: t.normal_(generator=g))
-        _scale_shift(out, weights)
+        _write_weights(out, weights)
         return
     try:
         fill_normal(out, [generator_seed(ctx.seed, ctx.step, s, key, stream) for s in ctx.samples], weights=weights)
@@ -157,7 +157,7 @@ def _draw_normal(out: torch.Tensor, ctx: Sampling, key: int, stream: int, weight
         raise UsageError(str(e)) from None
 
 
-def _scale_shift(eps: torch.Tensor, weights: Weights | None) -> None:
+def _write_weights(eps: torch.Tensor, weights: Weights | None) -> None:
     if weights is not None:
         mu, sigma, w = weights
         weight_samples(eps[:, : sigma.numel()], sigma, mu, w)
@@ -196,7 +196,7 @@ def weight_noise(
     else:
         out = torch.empty(full, dtype=dtype, device=device)
     if ctx is None:
-        _scale_shift(out.normal_(), weights)
+        _write_weights(out.normal_(), weights)
         return out
     _draw_normal(out, ctx, key, WEIGHTS, weights)
     return out
