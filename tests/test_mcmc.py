@@ -14,7 +14,7 @@ import pytest
 import torch
 from scipy import stats
 
-from hpcbnn.mcmc import diagnostics, models, rng
+from hpcbnn.mcmc import diagnostics, kernel, models, rng
 from hpcbnn.mcmc.adaptation import DualAveraging, find_step_size, slow_windows
 from hpcbnn.mcmc.hmc import Phase, energy_error, kinetic, leapfrog
 from hpcbnn.mcmc.sampler import initial_points, sample
@@ -118,6 +118,62 @@ def test_logistic_regression_blocks_match_autograd_in_float64(chains: int) -> No
     torch.testing.assert_close(g, grad, rtol=1e-12, atol=1e-9)
     for a, b in zip(fast.numpy_pass(0.5 * theta), fast.torch_pass(0.5 * theta)):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-9)
+
+
+def _float64_sums(x: torch.Tensor, half_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    h = x.double() @ half_w.double().T
+    t = h.tanh()
+    return (h.abs() - t.abs().log1p()).sum(0), t.T @ x.double()
+
+
+needs_kernel = pytest.mark.skipif(not kernel.available(), reason="needs x86-64 with AVX2 and FMA, and a C compiler")
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("rows, chains, scale", [(0, 8, 0.3), (5, 3, 0.3), (1237, 11, 0.3), (20000, 16, 0.3),
+                                                 (3001, 8, 30.0)])
+def test_fused_logistic_pass_equals_its_sums_in_float64(rows: int, chains: int, scale: float, threads: int) -> None:
+    """The one-pass kernel against the same sums in float64 from the same float32 features:
+    rows that fill no block of 8, chains that fill no group of 8, several groups and threads,
+    and logits in the hundreds (tanh saturates and exp(-2|h|) is below float32's range)."""
+    x, _ = models.covertype_shaped(0, rows, seed=2)
+    half_w = scale * torch.randn(chains, x.shape[1], generator=torch.Generator().manual_seed(rows))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        fused = kernel.logistic_pass(x, half_w)
+    finally:
+        torch.set_num_threads(previous)
+    assert fused is not None
+    log_cosh, x_tanh = fused
+    want_log_cosh, want_x_tanh = _float64_sums(x, half_w)
+    assert log_cosh.shape == (chains,) and x_tanh.shape == (chains, x.shape[1]) and log_cosh.dtype == F64
+    scale_lc = want_log_cosh.abs().max().item() if rows else 1.0
+    scale_g = want_x_tanh.abs().max().item() if rows else 1.0
+    torch.testing.assert_close(log_cosh, want_log_cosh, rtol=0, atol=1e-5 * scale_lc)
+    torch.testing.assert_close(x_tanh, want_x_tanh, rtol=0, atol=1e-5 * scale_g)
+
+
+def test_fused_logistic_pass_leaves_float64_features_to_numpy() -> None:
+    x, _ = models.covertype_shaped(0, 100, dtype=F64)
+    assert kernel.logistic_pass(x, torch.zeros(8, x.shape[1], dtype=F64)) is None
+
+
+@needs_kernel
+def test_float32_logistic_regression_through_the_kernel_matches_autograd() -> None:
+    """8 chains on float32 features take the kernel: the log density and gradient of the float64
+    program on the same features, to float32 accuracy."""
+    x, y = models.covertype_shaped(0, 5000, seed=4)
+    theta = 0.2 * torch.randn(8, x.shape[1], dtype=F64, generator=torch.Generator().manual_seed(1))
+    theta_ = theta.clone().requires_grad_(True)
+    z = theta_ @ x.double().T
+    expected = (y.double() * z - torch.logaddexp(torch.zeros_like(z), z)).sum(-1) - 0.5 * (theta_**2).sum(-1)
+    expected = expected - 0.5 * x.shape[1] * math.log(2 * math.pi)
+    (grad,) = torch.autograd.grad(expected.sum(), theta_)
+    lp, g = models.LogisticRegression(x, y)(theta)
+    torch.testing.assert_close(lp, expected.detach(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(g, grad, rtol=0, atol=1e-5 * grad.abs().max().item())
 
 
 def test_covertype_shaped_data_is_the_same_whatever_the_split() -> None:

@@ -14,6 +14,7 @@ import pytest
 import torch
 from scipy import stats
 
+from hpcbnn import native
 from hpcbnn.bnn import rng
 from hpcbnn.bnn.rng import CompilerNotFound, fill_normal
 
@@ -23,7 +24,7 @@ SEEDS = [0, 1, 2, 3, 2**63 - 1, 2**64 - 1, 0x123456789ABCDEF, 987654321]
 
 def _paths() -> list[str]:
     """Every code path this CPU runs."""
-    flags = rng._cpu_flags()
+    flags = native.cpu_flags()
     return [name for name in rng._ISA_FLAGS if name not in rng._ISA_CPU_FLAGS or rng._ISA_CPU_FLAGS[name] <= flags]
 
 
@@ -219,8 +220,8 @@ def test_concurrent_processes_build_once_and_agree(tmp_path):
         fill_normal(torch.empty(3, 1000, dtype=d), [5, 6, 2**64 - 1], 99).numpy().tobytes() for d in DTYPES
     ).hex()
     assert outs == [ref] * 3
-    assert [p.name.split("-")[1] for p in (tmp_path / "rng").glob("*.so")] == ["baseline"]
-    assert not list((tmp_path / "rng").glob("*.tmp"))
+    assert [p.name.split("-")[1] for p in (tmp_path / "kernels").glob("*.so")] == ["baseline"]
+    assert not list((tmp_path / "kernels").glob("*.tmp"))
 
 
 def test_bad_arguments_are_refused():
@@ -240,7 +241,7 @@ def test_a_missing_compiler_names_what_to_install(monkeypatch):
     monkeypatch.setenv("PATH", "")
     monkeypatch.delenv("CC", raising=False)
     with pytest.raises(CompilerNotFound, match="build-essential"):
-        rng._compiler()
+        native.compiler()
 
 
 def test_an_unknown_code_path_is_refused(monkeypatch):

@@ -9,29 +9,26 @@ Element i of row j is a pure function of (seeds[j], i) and the dtype: Philox4x32
 (normal.c says how they stay bit-exact). So a prefix of a longer row is the shorter row, and
 ranks on different nodes that draw the same (seed, sample) get the same weights.
 
-The C kernel is compiled on first use with the system C compiler ($CC, cc or gcc) into
-$HPCBNN_CACHE/rng (default ~/.cache/hpcbnn/rng), one library per code path, under a file lock
-so that the ranks of a node build it once. The code path is the widest the CPU runs (AVX-512,
-AVX2, baseline SSE2) unless HPCBNN_RNG_ISA names one; "scalar" (no vectorisation) exists to
-check that every path gives the same bits.
+The C kernel is compiled on first use with the system C compiler, one library per code path
+(hpcbnn.native: into $HPCBNN_CACHE/kernels, once per node). The code path is the widest the
+CPU runs (AVX-512, AVX2, baseline SSE2) unless HPCBNN_RNG_ISA names one; "scalar" (no
+vectorisation) exists to check that every path gives the same bits.
 """
 
 from __future__ import annotations
 
 import ctypes
-import fcntl
 import functools
-import hashlib
 import os
 import platform
-import shutil
-import socket
-import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
 import torch
+
+from hpcbnn import native
+from hpcbnn.native import CompilerNotFound, cpu_flags
 
 __all__ = ["CompilerNotFound", "Weights", "fill_normal", "isa", "scale_shift"]
 
@@ -56,26 +53,6 @@ _ISA_FLAGS: dict[str, list[str]] = {
 _ISA_CPU_FLAGS = {"avx2": {"avx2", "fma"}, "avx512": {"avx512f", "avx512dq", "avx512bw", "avx512vl", "fma"}}
 
 
-class CompilerNotFound(RuntimeError):
-    """No C compiler to build the kernel: the caller may fall back to torch's generator."""
-
-
-def _cache_dir() -> Path:
-    base = os.environ.get("HPCBNN_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hpcbnn"
-    return Path(base) / "rng"
-
-
-@functools.cache
-def _cpu_flags() -> frozenset[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
 def isa() -> str:
     """The code path fill_normal uses: $HPCBNN_RNG_ISA, else the widest this CPU runs."""
     chosen = os.environ.get("HPCBNN_RNG_ISA")
@@ -83,53 +60,16 @@ def isa() -> str:
         if chosen not in _ISA_FLAGS:
             raise ValueError(f"HPCBNN_RNG_ISA={chosen!r}: expected one of {', '.join(_ISA_FLAGS)}")
         return chosen
-    flags = _cpu_flags()
+    flags = cpu_flags()
     return next(
         (name for name in ("avx512", "avx2") if name in _ISA_FLAGS and _ISA_CPU_FLAGS[name] <= flags), "baseline"
     )
 
 
-def _compiler() -> str:
-    for cc in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if cc and shutil.which(cc):
-            return cc
-    raise CompilerNotFound(
-        "hpcbnn.bnn.rng needs a C compiler to build its kernel on first use: install gcc "
-        "(Debian/Ubuntu: apt-get install build-essential) or set CC"
-    )
-
-
 @functools.cache
 def _library(name: str) -> ctypes.CDLL:
-    """The kernel built for code path `name`, compiled once per source, compiler and flags."""
-    cc = _compiler()
-    flags = _COMMON + _ISA_FLAGS[name]
-    source = _SOURCE.read_bytes()
-    tag = hashlib.sha256(source + "\0".join([cc, *flags]).encode()).hexdigest()[:16]
-    cache = _cache_dir()
-    path = cache / f"normal-{name}-{tag}.so"
-    if not path.exists():
-        try:
-            cache.mkdir(parents=True, exist_ok=True)
-            lock = open(cache / "build.lock", "w")
-        except OSError as e:
-            raise RuntimeError(
-                f"cannot build the rng kernel in {cache} ({e}): set HPCBNN_CACHE to a writable directory"
-            ) from e
-        with lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if not path.exists():  # another rank may have built it while we waited
-                tmp = path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")  # a shared $HOME
-                for threading_flags in _THREADING:
-                    cmd = [cc, *flags, *threading_flags, "-o", str(tmp), str(_SOURCE)]
-                    proc = subprocess.run(cmd, capture_output=True, text=True)
-                    if not proc.returncode:
-                        break
-                if proc.returncode:
-                    tmp.unlink(missing_ok=True)
-                    raise RuntimeError(f"building {_SOURCE} with {cc} failed:\n{proc.stderr}")
-                os.replace(tmp, path)
-    lib = ctypes.CDLL(str(path))
+    """The kernel built for code path `name` (hpcbnn.native builds it once per source and flags)."""
+    lib = native.load(_SOURCE, f"normal-{name}", _COMMON + _ISA_FLAGS[name], _THREADING)
     for fn in (lib.hpcbnn_fill_normal_f32, lib.hpcbnn_fill_normal_f64):
         fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint64, ctypes.c_int]
         fn.argtypes += [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
