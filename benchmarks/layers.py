@@ -15,6 +15,11 @@ memory the step itself needs (parameters, optimizer state, activations, weight s
 the ratio of the peaks what the whole process needs. Time goals (issue 13): MLP reparam 1.5,
 flipout 2.5, local 2.2; ViT reparam 1.5. The last line is JSON: {"rows": [...], "chunks": [...]}.
 
+`--inputs shared` (the default) passes the batch as hpcbnn's Engine does without per-sample
+augmentation: the S samples see copies of one batch, and flipout and local reparameterisation
+compute the first layer's sample-invariant products once (`Sampling.shared_rows`). `--inputs
+per-sample` gives each sample its own copy, as per-sample augmentation does.
+
 Sample chunks (`--sample_chunk` of hpcbnn.train): the Bayesian step again with its S samples
 evaluated c at a time (the ELBO of each chunk weighted by c/S, backward per chunk: the same
 gradient), at c = S and c = --chunk (default S/4): time per step and the step's memory.
@@ -64,12 +69,14 @@ class Step:
         chunk: int = 0,
         estimator: str = "reparam",
         device: str = "cpu",
+        shared: bool = True,
     ) -> None:
         torch.manual_seed(0)
         net, shape = build(model)
         self.net = (bayesianize(net, estimator=estimator) if bayesian else net).to(device)
         self.device = torch.device(device)
         self.bayesian, self.samples, self.batch, self.chunk = bayesian, samples, batch, chunk or samples
+        self.shared = shared  # as the Engine without per-sample augmentation: the samples share the batch
         rows = batch if bayesian else samples * batch
         self.x = torch.randn(rows, *shape, device=device)
         self.y = torch.randint(0, 10, (rows,), device=device)
@@ -86,7 +93,7 @@ class Step:
                 part = range(first, min(self.samples, first + self.chunk))
                 x = self.x.expand(len(part), *self.x.shape).reshape(len(part) * b, *self.x.shape[1:])
                 with shared_softplus():  # as the Engine: the samples and the KL share each sigma
-                    with sampling(0, self.t, part):
+                    with sampling(0, self.t, part, shared_input=x if self.shared else None):
                         out = self.net(x)
                     kl = kl_divergence(self.net)
                 loglik = categorical_loglik(out.view(len(part), b, -1), self.y)
@@ -107,13 +114,14 @@ def status_kib(field: str) -> int:
 
 
 def child(
-    model: str, bayesian: bool, samples: int, batch: int, steps: int, chunk: int, estimator: str, device: str
+    model: str, bayesian: bool, samples: int, batch: int, steps: int, chunk: int, estimator: str, device: str,
+    shared: bool,
 ) -> None:
     """Run in a fresh process: print the resident size before the model and the peak after `steps`
     (on a GPU: the memory allocated on it, 0 before the model, and its peak)."""
     cuda = torch.device(device).type == "cuda"
     before = 0 if cuda else status_kib("VmRSS")
-    step = Step(model, bayesian, samples, batch, chunk, estimator, device)
+    step = Step(model, bayesian, samples, batch, chunk, estimator, device, shared)
     for _ in range(steps):
         step()
     peak = torch.cuda.max_memory_allocated(device) // 1024 if cuda else status_kib("VmHWM")
@@ -125,7 +133,7 @@ def memory(
 ) -> dict[str, int]:
     cmd = [sys.executable, "-m", "benchmarks.layers", "--child", model, str(int(bayesian)), estimator,
            "--threads", str(args.threads), "--samples", str(args.samples), "--batch", str(args.batch),
-           "--chunk", str(chunk), "--device", args.device]
+           "--chunk", str(chunk), "--device", args.device, "--inputs", args.inputs]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])
@@ -133,7 +141,8 @@ def memory(
 
 def compare(model: str, estimator: str, args: argparse.Namespace) -> dict[str, float]:
     det = Step(model, False, args.samples, args.batch, device=args.device)
-    bayes = Step(model, True, args.samples, args.batch, estimator=estimator, device=args.device)
+    bayes = Step(model, True, args.samples, args.batch, estimator=estimator, device=args.device,
+                 shared=args.inputs == "shared")
     det(), bayes()  # warm-up: allocator, thread pools
     times: dict[str, list[tuple[float, float]]] = {"det": [], "bayes": []}
     for _ in range(args.repeats):
@@ -158,7 +167,8 @@ def compare(model: str, estimator: str, args: argparse.Namespace) -> dict[str, f
 def chunks(model: str, args: argparse.Namespace) -> list[dict[str, float]]:
     """Time (median of alternating steps) and step memory of the Bayesian step at c = S and c = --chunk."""
     sizes = (args.samples, args.chunk or max(1, args.samples // 4))
-    steps = [Step(model, True, args.samples, args.batch, c, device=args.device) for c in sizes]
+    steps = [Step(model, True, args.samples, args.batch, c, device=args.device, shared=args.inputs == "shared")
+             for c in sizes]
     for step in steps:
         step()  # warm-up
     times: list[list[float]] = [[], []]
@@ -184,15 +194,19 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128, help="B, examples per step")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per variant (median)")
     parser.add_argument("--chunk", type=int, default=0, help="the sample chunk to compare with c = S (default S/4)")
+    parser.add_argument("--inputs", choices=("shared", "per-sample"), default="shared",
+                        help="shared: the S samples see one batch, as the Engine passes it without per-sample "
+                             "augmentation (flipout and local compute the first layer's mean products once); "
+                             "per-sample: S separate copies, as with per-sample augmentation")
     parser.add_argument("--child", nargs=3, metavar=("MODEL", "BAYESIAN", "ESTIMATOR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.child:
         child(args.child[0], bool(int(args.child[1])), args.samples, args.batch, 2, args.chunk, args.child[2],
-              args.device)
+              args.device, args.inputs == "shared")
         return
     where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else f"{args.threads} threads"
-    print(f"S={args.samples} B={args.batch}, {where}; deterministic net on a batch of "
+    print(f"S={args.samples} B={args.batch}, {where}, {args.inputs} inputs; deterministic net on a batch of "
           f"{args.samples * args.batch}; time: median of {args.repeats} alternating steps; "
           f"memory: step = peak RSS - RSS before the model, peak = whole process (GPU: peak allocated)")
     print(f"{'model':6} {'estimator':9} {'det s':>8} {'bayes s':>8} {'time x':>7} {'goal':>5} {'cpu x':>6} "
@@ -212,7 +226,7 @@ def main() -> None:
         for row in chunks(model, args):
             chunk_rows.append({"model": model, **row})
             print(f"{model:6} {row['chunk']:4d} {row['step_s']:8.3f} {row['step_mib']:9.0f}", flush=True)
-    print(json.dumps({"rows": rows, "chunks": chunk_rows}))
+    print(json.dumps({"inputs": args.inputs, "rows": rows, "chunks": chunk_rows}))
 
 
 if __name__ == "__main__":

@@ -346,3 +346,67 @@ def test_a_1x1_convolution_is_the_linear_layer(estimator):
         want = linear(x)
         got = conv(x.unsqueeze(-1)).squeeze(-1)
     assert torch.allclose(got, want, rtol=0, atol=1e-12)
+
+
+def shared_and_copied(layer: nn.Module, x: torch.Tensor, k: int = 4) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Outputs and parameter gradients of k samples on copies of x, with the copies declared
+    shared (sampling's shared_input) and not."""
+    results = []
+    for shared in (True, False):
+        layer.zero_grad()
+        xk = stack(x, k)
+        with sampling(0, 1, range(k), shared_input=xk if shared else None):
+            out = layer(xk)
+        (out**3).sum().backward()
+        results.append([out.detach()] + [p.grad.clone() for p in layer.parameters()])
+    return results[0], results[1]
+
+
+def product_rows(layer: nn.Module, x: torch.Tensor, k: int = 4) -> set[int]:
+    """The row counts of the matrix products (and convolutions' batch sizes) a shared-input forward runs."""
+    xk = stack(x, k)
+    with torch.profiler.profile(record_shapes=True) as prof, sampling(0, 1, range(k), shared_input=xk):
+        layer(xk)
+    ops = ("aten::mm", "aten::addmm", "aten::convolution")
+    return {e.input_shapes[0 if e.key != "aten::addmm" else 1][0] for e in prof.key_averages(group_by_input_shape=True)
+            if e.key in ops and e.input_shapes}
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d", "conv2d"])
+@pytest.mark.parametrize("estimator", ["flipout", "local"])
+def test_a_shared_input_gives_the_same_outputs_and_gradients(kind, estimator):
+    """Copies of one batch declared shared: the mean (and local's variance) products run on one
+    block, and the outputs and gradients equal those of the copies taken one by one."""
+    layer = make(kind, estimator)
+    x = inputs(kind, 3)
+    shared, copied = shared_and_copied(layer, x)
+    for a, b in zip(shared, copied):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    rows = 3 * math.prod(x.shape[1:-1]) if kind == "linear" else 3
+    assert rows in product_rows(layer, x)
+
+
+def test_a_shared_input_is_not_shared_once_changed_in_place_or_when_it_needs_its_gradient():
+    x = stack(torch.randn(3, 5, dtype=D64), 4)
+    with sampling(0, 1, range(4), shared_input=x) as ctx:
+        assert torch.equal(ctx.shared_rows(x), x[:3]) and torch.equal(ctx.shared_rows(x.view(4, 15)), x.view(4, 15)[:1])
+        assert ctx.shared_rows(x.view(2, 30)) is None  # rows that are not the k blocks
+        assert ctx.shared_rows(x.clone()) is None and ctx.shared_rows(x[:6]) is None
+        assert ctx.shared_rows(x.detach().requires_grad_()) is None
+        x[0, 0] += 1.0  # the rows are no longer copies
+        assert ctx.shared_rows(x) is None
+    with pytest.raises(UsageError, match="shared_input"):
+        with sampling(0, 1, range(4), shared_input=torch.zeros(6, 5)):
+            pass
+
+
+def test_a_mixture_passes_a_shared_input_to_its_components():
+    from hpcbnn.bnn.mixture import Mixture
+
+    torch.manual_seed(0)
+    model = Mixture([BayesianLinear(5, 4, estimator="local", init_std=0.2, dtype=D64) for _ in range(2)])
+    x = torch.randn(3, 5, dtype=D64)
+    shared, copied = shared_and_copied(model, x, k=8)
+    for a, b in zip(shared, copied):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert 3 in product_rows(model, x, k=8)

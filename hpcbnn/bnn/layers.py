@@ -226,15 +226,21 @@ class BayesianModule(KLTerm):
         return self.batched_op(x, w, b)
 
     def local_reparam(self, x: Tensor) -> Tensor:
-        """The pre-activation's Gaussian mu x + sqrt(sigma^2 x^2) * eps: noise per example, no weight copies."""
-        mean = self.op(x, self.weight_mu, self.bias_mu)
+        """The pre-activation's Gaussian mu x + sqrt(sigma^2 x^2) * eps: noise per example, no weight
+        copies. On a shared input (`Sampling.shared_rows`) mean and variance are one block's."""
+        rows = _shared_rows(x)
+        block = x if rows is None else rows
+        mean = self.op(block, self.weight_mu, self.bias_mu)
         var = self.op(
-            x.square(),
+            block.square(),
             softplus(self.weight_rho).square(),
             None if self.bias_rho is None else softplus(self.bias_rho).square(),
         )
+        std = var.clamp_min(torch.finfo(var.dtype).tiny).sqrt()
         noise = example_noise(self.noise_key, x.shape[0], mean.shape[1:], mean.dtype, mean.device)
-        return torch.addcmul(mean, var.clamp_min(torch.finfo(var.dtype).tiny).sqrt(), noise)
+        if rows is None:
+            return torch.addcmul(mean, std, noise)
+        return torch.addcmul(mean, std, _sample_major(noise, x.shape[0] // rows.shape[0])).view(noise.shape)
 
     def flipout(self, x: Tensor) -> Tensor:
         """mu x + ((x * r_in) (sigma * eps_s)) * r_out with random signs r per example: the k
@@ -246,7 +252,13 @@ class BayesianModule(KLTerm):
         signs = example_noise(self.noise_key, x.shape[0], shape, x.dtype, x.device, kind="sign")
         s_in, s_out = signs.split([n_in, n_out], dim=d)
         dy, b = self.perturbed(x * s_in)
-        out = torch.addcmul(self.op(x, self.weight_mu, None), dy, s_out)
+        rows = _shared_rows(x)
+        if rows is None:
+            out = torch.addcmul(self.op(x, self.weight_mu, None), dy, s_out)
+        else:  # the mean's product on one block of a shared input, for all k samples
+            k = x.shape[0] // rows.shape[0]
+            out = torch.addcmul(self.op(rows, self.weight_mu, None), _sample_major(dy, k), _sample_major(s_out, k))
+            out = out.view(dy.shape)
         return out if b is None else _add_sample_bias(out, b, channel_dim=d)
 
     def extra_repr(self) -> str:
@@ -274,6 +286,12 @@ class _GaussianKL(torch.autograd.Function):
         s2 = ctx.s * ctx.s
         dsigma = sigma.reciprocal().neg_().add_(sigma, alpha=1 / s2)
         return mu * (grad / s2), dsigma.mul_(torch.sigmoid(rho)).mul_(grad), None
+
+
+def _shared_rows(x: Tensor) -> Tensor | None:
+    """x's one block of rows when the k samples share it (`Sampling.shared_rows`), else None."""
+    ctx = current()
+    return None if ctx is None else ctx.shared_rows(x)
 
 
 def _sample_major(t: Tensor, k: int) -> Tensor:
@@ -347,8 +365,9 @@ class BayesianLinear(BayesianModule):
         """The fast path: `_LocalLinear` does the elementwise work in place and in few passes."""
         rows = x.reshape(-1, self.in_features)
         noise = example_noise(self.noise_key, x.shape[0], (*x.shape[1:-1], self.out_features), x.dtype, x.device)
+        shared = _shared_rows(x)
         y = _LocalLinear.apply(
-            rows,
+            rows if shared is None else shared.reshape(-1, self.in_features),
             self.weight_mu,
             softplus(self.weight_rho),
             self.bias_mu,
@@ -434,7 +453,8 @@ class _LocalLinear(torch.autograd.Function):
     Linear layer, with the gradients written out: autograd would keep and allocate a tensor of
     the output's size for each of the eight elementwise steps, here four are done in place.
     A variance below the smallest normal float is clamped to it and passes no gradient, as
-    `BayesianModule.local_reparam` does."""
+    `BayesianModule.local_reparam` does. With noise of k times x's rows, x is the one block
+    of a shared input: mean and std are computed once and broadcast over the k samples."""
 
     @staticmethod
     def forward(
@@ -449,7 +469,10 @@ class _LocalLinear(torch.autograd.Function):
         std = var.clamp_min_(tiny).sqrt_()
         mean = torch.mm(x, mu.t()) if b is None else torch.addmm(b, x, mu.t())
         ctx.save_for_backward(x, x2, mu, sigma, sigma2, s_b, std, noise, clamped)
-        return mean.addcmul_(std, noise)
+        k = noise.shape[0] // x.shape[0]
+        if k == 1:
+            return mean.addcmul_(std, noise)
+        return torch.addcmul(mean, std, noise.view(k, *mean.shape)).view(noise.shape)
 
     @staticmethod
     @once_differentiable
@@ -457,7 +480,16 @@ class _LocalLinear(torch.autograd.Function):
         x, x2, mu, sigma, sigma2, s_b, std, noise, clamped = ctx.saved_tensors
         grad, x, x2, std, noise = _parameter_dtype(sigma, grad, x, x2, std, noise)
         need = ctx.needs_input_grad
-        grad_var = torch.mul(grad, noise).div_(std).mul_(0.5)  # d sqrt(v) / dv = 1 / (2 sqrt(v))
+        k = noise.shape[0] // x.shape[0]
+        if k == 1:
+            grad_std = torch.mul(grad, noise)
+        else:  # sums over the k samples that share mean and std, one [rows, out] block at a time
+            grad, noise = grad.view(k, *std.shape), noise.view(k, *std.shape)
+            grad_std = torch.mul(grad[0], noise[0])
+            for s in range(1, k):
+                grad_std.addcmul_(grad[s], noise[s])
+            grad = grad.sum(0)
+        grad_var = grad_std.div_(std).mul_(0.5)  # d sqrt(v) / dv = 1 / (2 sqrt(v))
         if clamped is not None:
             grad_var.masked_fill_(clamped, 0)
         grad_x = None

@@ -50,14 +50,17 @@ class Mixture(KLTerm):
             return torch.stack([c(x) for c in self.components]).mean(0)
         k, n = len(ctx.samples), len(self.components)
         blocks = x.view(k, x.shape[0] // k, *x.shape[1:])
+        shared = ctx.shared_rows(x) is not None  # then each component's blocks are copies of one batch too
         order: list[int] = []
         outs: list[Tensor] = []
         for c, component in enumerate(self.components):
             mine = [j for j, s in enumerate(ctx.samples) if s % n == c]
             if not mine:
                 continue
-            with sampling(ctx.seed, ctx.step, [ctx.samples[j] for j in mine], ctx.batch, ctx.global_batch):
-                out = component(blocks[mine].reshape(-1, *x.shape[1:]))
+            inputs = blocks[mine].reshape(-1, *x.shape[1:])
+            samples = [ctx.samples[j] for j in mine]
+            with sampling(ctx.seed, ctx.step, samples, ctx.batch, ctx.global_batch, inputs if shared else None):
+                out = component(inputs)
             outs.append(out.view(len(mine), -1, *out.shape[1:]))
             order += mine
         out = torch.cat(outs) if len(outs) > 1 else outs[0]

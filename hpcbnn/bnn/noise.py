@@ -66,6 +66,32 @@ class Sampling:
     samples: tuple[int, ...]
     batch: slice | None
     global_batch: int | None
+    shared_input: torch.Tensor | None = None
+    """The model's input when its k blocks of rows are copies of one batch (see `shared_rows`)."""
+    shared_version: int = 0
+
+    def shared_rows(self, x: torch.Tensor) -> torch.Tensor | None:
+        """x's first block of rows [n/k, ...] when x is `shared_input` or a view of all of it,
+        unchanged since the context began and not requiring grad; else None.
+
+        Then every sample sees the same rows, and a product of x with something the samples
+        share (a layer's means, local reparameterisation's variances) is the same for all k:
+        computed once on the block, it costs 1/k. Gradients are the same sums in another order.
+        """
+        s = self.shared_input
+        if (
+            s is None
+            or x.requires_grad
+            or x.data_ptr() != s.data_ptr()
+            or x.numel() != s.numel()
+            or not x.is_contiguous()
+            or s._version != self.shared_version
+            or x.dim() == 0
+            or x.shape[0] % len(self.samples)
+        ):
+            return None
+        k = len(self.samples)
+        return x.view(k, x.shape[0] // k, *x.shape[1:])[0]
 
     def split_rows(self, n_rows: int) -> tuple[int, slice]:
         """(global batch, this rank's rows of it) for a sample-major input of `n_rows` = k*B_local rows."""
@@ -99,12 +125,28 @@ def current() -> Sampling | None:
 
 @contextmanager
 def sampling(
-    seed: int, step: int, samples: Sequence[int], batch: slice | None = None, global_batch: int | None = None
+    seed: int,
+    step: int,
+    samples: Sequence[int],
+    batch: slice | None = None,
+    global_batch: int | None = None,
+    shared_input: torch.Tensor | None = None,
 ) -> Iterator[Sampling]:
-    """Evaluate the global Monte-Carlo `samples` of step `step` in the forward passes inside."""
+    """Evaluate the global Monte-Carlo `samples` of step `step` in the forward passes inside.
+
+    `shared_input`: the [k*B, ...] input when its k blocks are copies of one batch (the
+    Engine's, without per-sample augmentation). Layers that see it (or a view of it) compute
+    their sample-invariant products on one block (`Sampling.shared_rows`).
+    """
     if not len(samples):
         raise UsageError("sampling() needs at least one sample index")
-    ctx = Sampling(int(seed), int(step), tuple(int(s) for s in samples), batch, global_batch)
+    if shared_input is not None and (not shared_input.is_contiguous() or shared_input.shape[0] % len(samples)):
+        raise UsageError(
+            f"sampling(shared_input=...) needs a contiguous input of k*B rows for the {len(samples)} samples, "
+            f"got shape {tuple(shared_input.shape)}"
+        )
+    version = 0 if shared_input is None else shared_input._version
+    ctx = Sampling(int(seed), int(step), tuple(int(s) for s in samples), batch, global_batch, shared_input, version)
     outer, _state.current = _state.current, ctx
     try:
         yield ctx

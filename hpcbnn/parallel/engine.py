@@ -156,12 +156,15 @@ class Engine:
     def loss(self, x: Tensor, y: Tensor, rows: slice, step: int, samples: list[int]) -> tuple[Tensor, Tensor, Tensor]:
         """This rank's objective on its `samples`, and its expected-NLL and KL parts."""
         k, b, x = len(samples), x.shape[0], x.to(self.dtype)
+        inputs = self.inputs(x, rows, step, samples)
+        # without per-sample augmentation the k samples see copies of one batch: layers may share products
+        shared = inputs if self.augment is None or self.augment_mode != "per-sample" else None
         with shared_softplus():  # the forward's samples and the KL compute each sigma once
             with (
-                sampling(self.seed, step, samples, rows, self.batch_size),
+                sampling(self.seed, step, samples, rows, self.batch_size, shared_input=shared),
                 torch.autocast(self.grid.device.type, torch.bfloat16, enabled=self.amp),
             ):
-                out = self.model(self.inputs(x, rows, step, samples))
+                out = self.model(inputs)
             kl = kl_divergence(self.model)
         loglik = self.loglik(out.to(self.dtype).view(k, b, *out.shape[1:]), y)
         loss = self.objective(
@@ -208,8 +211,9 @@ class Engine:
         with shared_softplus():
             for i in range(0, len(local), chunk):
                 part = local[i : i + chunk]
-                with sampling(self.seed, EVAL_STEP, part, rows, global_batch):
-                    out = self.model(x.expand(len(part), *x.shape).reshape(len(part) * b, *x.shape[1:]))
+                inputs = x.expand(len(part), *x.shape).reshape(len(part) * b, *x.shape[1:])
+                with sampling(self.seed, EVAL_STEP, part, rows, global_batch, shared_input=inputs):
+                    out = self.model(inputs)
                 outs.append(out.view(len(part), b, *out.shape[1:]))
         out = torch.cat(outs) if len(outs) > 1 else outs[0]
         return self.comm.allgather(out.contiguous(), "sample")
