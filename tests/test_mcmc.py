@@ -57,12 +57,14 @@ def test_random_streams_depend_on_chain_and_counters_only() -> None:
 
 
 def test_leapfrog_is_reversible_and_nearly_conserves_energy() -> None:
+    """Seeded: from a random start the error exceeds 0.05 for about 6% of seeds (stiff direction)."""
     loc, cov = models.gaussian_parameters(4, seed=1)
     target = gaussian_target(loc, cov)
-    q = torch.randn(3, 4, dtype=F64)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 4, dtype=F64, generator=g)
     logp, grad = target(q)
-    inv_mass = torch.rand(3, 4, dtype=F64) + 0.5
-    start = Phase.of(q, torch.randn(3, 4, dtype=F64), logp, grad)
+    inv_mass = torch.rand(3, 4, dtype=F64, generator=g) + 0.5
+    start = Phase.of(q, torch.randn(3, 4, dtype=F64, generator=g), logp, grad)
     eps = torch.tensor([0.05, 0.02, 0.01], dtype=F64)
     z = start
     for _ in range(20):
