@@ -18,8 +18,12 @@ ceiling(P) = t_ceiling(1) / t_ceiling(P): the efficiency left once P ranks share
 cores, caches and memory bandwidth. Every row also gets efficiency_vs_ceiling =
 efficiency / ceiling(P).
 
+`--rounds R` launches every configuration and every ceiling R times, round by round, and
+reports each one's median: on a shared machine a slow spell then touches every
+configuration instead of one (a single round's ceiling at P = 2 ranged 0.80-1.10 here).
+
 Prints a table, then, as the last line, one JSON object
-`{"ceiling": {"1": 1.0, "2": ...}, "ceiling_step_time": {"1": s, ...}, "rows": [...]}`
+`{"ceiling": {"1": 1.0, "2": ...}, "ceiling_step_time": {"1": s, ...}, "rounds": R, "rows": [...]}`
 ("ceiling" keyed by str(P)); writes OUT/scaling.csv (with a `ceiling` column) and
 OUT/scaling.png. Other modules call `run(ranks=..., out=...)`, which returns that object.
 """
@@ -32,6 +36,7 @@ import itertools
 import json
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -142,18 +147,29 @@ def launch(cfg: dict, *, steps: int, warmup: int, backend: str, launcher: str, t
 
 def run(ranks: list[int], modes: list[str] | tuple[str, ...] = MODES, samples_per_rank: int = 4,
         batch_per_rank: int = 128, steps: int = 10, warmup: int = 2, backend: str = "horovod",
-        launcher: str = DEFAULT_LAUNCHER, timeout: float = 600, out: Path | str = Path("runs/scaling")) -> dict:
-    """Every configuration and the ceiling per P; writes OUT/scaling.csv and OUT/scaling.png.
+        launcher: str = DEFAULT_LAUNCHER, timeout: float = 600, out: Path | str = Path("runs/scaling"),
+        rounds: int = 1) -> dict:
+    """Every configuration and the ceiling per P, `rounds` times in turn (each time the median
+    over rounds); writes OUT/scaling.csv and OUT/scaling.png.
 
-    Returns {"ceiling": {str(P): ceiling}, "ceiling_step_time": {str(P): seconds}, "rows": [...]}.
+    Returns {"ceiling": {str(P): ceiling}, "ceiling_step_time": {str(P): seconds}, "rounds": rounds,
+    "rows": [...]}.
     """
     if 1 not in ranks:
         raise SystemExit("--ranks must include 1: efficiencies and the ceiling are relative to one rank")
     how = dict(steps=steps, warmup=warmup, backend=backend, launcher=launcher, timeout=timeout)
-    rows = [{**cfg, **launch(cfg, **how)}
-            for cfg in configurations(ranks, list(modes), samples_per_rank, batch_per_rank)]
-    alone = {p: launch(dict(ranks=p, mode="sample", k=1, samples=samples_per_rank, batch=batch_per_rank,
-                            reduction="world"), ceiling=True, **how)["step_time"] for p in ranks}
+    configs = configurations(ranks, list(modes), samples_per_rank, batch_per_rank)
+    runs: list[list[dict]] = [[] for _ in configs]
+    alone_runs: dict[int, list[float]] = {p: [] for p in ranks}
+    for _ in range(rounds):  # in turn, so that a slow spell of a shared machine touches every configuration
+        for cfg, results in zip(configs, runs):
+            results.append(launch(cfg, **how))
+        for p in ranks:
+            alone_runs[p].append(launch(dict(ranks=p, mode="sample", k=1, samples=samples_per_rank,
+                                             batch=batch_per_rank, reduction="world"), ceiling=True, **how)["step_time"])
+    rows = [{**cfg, "step_time": statistics.median(r["step_time"] for r in results),
+             "comm_time": statistics.median(r["comm_time"] for r in results)} for cfg, results in zip(configs, runs)]
+    alone = {p: statistics.median(t) for p, t in alone_runs.items()}
     ceiling = {str(p): alone[1] / alone[p] for p in ranks}
     for row in rows:
         base = next(r for r in rows if (r["scaling"], r["mode"], r["ranks"]) == (row["scaling"], row["mode"], 1))
@@ -172,7 +188,8 @@ def run(ranks: list[int], modes: list[str] | tuple[str, ...] = MODES, samples_pe
 
     scaling_plot([{**r, "mode": r["mode"] + ("/hier" if r["reduction"] == "hierarchical" else "")}
                   for r in rows], out / "scaling.png")
-    return {"ceiling": ceiling, "ceiling_step_time": {str(p): t for p, t in alone.items()}, "rows": rows}
+    return {"ceiling": ceiling, "ceiling_step_time": {str(p): t for p, t in alone.items()}, "rounds": rounds,
+            "rows": rows}
 
 
 def table(result: dict) -> str:
@@ -213,6 +230,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="launch command; given -np P (mpirun...) or -n P (srun...)")
     parser.add_argument("--timeout", type=float, default=600)
     parser.add_argument("--out", type=Path, default=Path("runs/scaling"))
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="launch every configuration and ceiling this many times in turn; report medians")
     args = parser.parse_args(argv)
     if args.command == "worker":
         worker(args)

@@ -20,13 +20,13 @@ def test_the_benchmark_measures_the_machine_ceiling_and_prints_its_json_last(tmp
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     done = subprocess.run(
         [sys.executable, "-m", "benchmarks.scaling", "--ranks", "1", "2", "--modes", "sample", "--steps", "2",
-         "--warmup", "1", "--launcher", launcher, "--out", str(tmp_path)],
+         "--warmup", "1", "--rounds", "2", "--launcher", launcher, "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=300, env=env, cwd=ROOT,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
     ceiling = result["ceiling"]
-    assert ceiling["1"] == 1.0 and ceiling["2"] > 0
+    assert ceiling["1"] == 1.0 and ceiling["2"] > 0 and result["rounds"] == 2
     assert {(r["scaling"], r["ranks"]) for r in result["rows"]} == {(s, p) for s in ("weak", "strong") for p in (1, 2)}
     for row in result["rows"]:
         assert row["mode"] == "sample" and row["step_time"] > 0 and 0 <= row["comm_share"]
