@@ -244,16 +244,19 @@ def test_local_linear_fast_path_equals_the_generic_local_reparam(shape, bias):
 
 
 @pytest.mark.parametrize("estimator", ESTIMATORS)
-def test_every_estimator_trains_under_bfloat16_autocast(estimator):
+@pytest.mark.parametrize("shared", [False, True])
+def test_every_estimator_trains_under_bfloat16_autocast(estimator, shared):
     """`--amp`: the forward in bfloat16, the fused functions' backward in the parameters' float32
-    (it runs outside autocast); the gradients match full precision to bfloat16's accuracy."""
+    (it runs outside autocast); the gradients match full precision to bfloat16's accuracy, with
+    the input's copies declared shared or not."""
     torch.manual_seed(0)
     net = nn.Sequential(BayesianLinear(20, 30, estimator=estimator), nn.ReLU(), BayesianLinear(30, 5, estimator=estimator))
-    x = torch.randn(4 * 8, 20, generator=torch.Generator().manual_seed(2))
+    x = stack(torch.randn(8, 20, generator=torch.Generator().manual_seed(2)), 4)
     grads = []
     for amp in (False, True):
         net.zero_grad()
-        with sampling(0, 1, range(4)), torch.autocast("cpu", torch.bfloat16, enabled=amp):
+        with (sampling(0, 1, range(4), shared_input=x if shared else None),
+              torch.autocast("cpu", torch.bfloat16, enabled=amp)):
             out = net(x)
         out.float().square().sum().backward()
         grads.append(torch.cat([p.grad.reshape(-1) for p in net.parameters()]))
