@@ -21,17 +21,22 @@ import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["CompilerNotFound", "cache_dir", "compiler", "cpu_flags", "load"]
+__all__ = ["CompilerNotFound", "cache_dir", "cache_root", "compiler", "cpu_flags", "load"]
 
 
 class CompilerNotFound(RuntimeError):
     """No C compiler to build a kernel: the caller may fall back to torch."""
 
 
-def cache_dir() -> Path:
-    """Where the built libraries live: $HPCBNN_CACHE/kernels, else ~/.cache/hpcbnn/kernels."""
+def cache_root() -> Path:
+    """hpcbnn's cache: $HPCBNN_CACHE, else $XDG_CACHE_HOME/hpcbnn or ~/.cache/hpcbnn (as scripts/setup-env.sh)."""
     base = os.environ.get("HPCBNN_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hpcbnn"
-    return Path(base) / "kernels"
+    return Path(base)
+
+
+def cache_dir() -> Path:
+    """Where the built libraries live: <cache_root>/kernels."""
+    return cache_root() / "kernels"
 
 
 @functools.cache

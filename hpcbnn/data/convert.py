@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import gzip
-import os
 import pickle
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -24,6 +23,7 @@ try:
 except ImportError:  # numpy 1
     from numpy.core import multiarray as _multiarray  # type: ignore[no-redef]
 
+from hpcbnn import native
 from hpcbnn.data.format import SCHEMA_VERSION, SPLITS, TASKS, DatasetWriter, Task, find_bad_values, open_h5
 from hpcbnn.errors import UsageError
 
@@ -584,8 +584,7 @@ def convert_diabetes(out: Path | str, progress: bool = False) -> Path:
 
 def cache_dir() -> Path:
     """$HPCBNN_CACHE/data, by default ~/.cache/hpcbnn/data (the same root scripts/setup-env.sh uses)."""
-    base = os.environ.get("HPCBNN_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hpcbnn"
-    return Path(base) / "data"
+    return native.cache_root() / "data"
 
 
 def _is_current(path: Path) -> bool:
