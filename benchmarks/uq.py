@@ -1,7 +1,7 @@
 """Does the uncertainty pay? hpcbnn's BNN against a deterministic net and a deep ensemble, in one harness.
 
     python -m benchmarks.uq [--quick | --smoke] [--seeds N] [--folds F] [--out runs/uq]
-    python -m benchmarks.uq --tune [--round 2|3|4|5] [--folds F]  # the validation-split studies (docs/uq.md)
+    python -m benchmarks.uq --tune [--round 2|3|4|5|6] [--folds F]  # the validation-split studies (docs/uq.md)
 
 Protocols, on scikit-learn's bundled digits with hpcbnn's train/val/test split (inputs
 standardised with the training split's statistics, as the loader does):
@@ -45,8 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from benchmarks.fractions import apply_fractions
-from hpcbnn.bnn.bayesianize import bayesianize
+from benchmarks.fractions import apply_fractions, scale_means
+from hpcbnn.bnn.bayesianize import bayesianize, draw_prior_means
 from hpcbnn.bnn.layers import ESTIMATORS, INIT_FRACTION, PRIOR_FRACTION, BayesianModule, kl_divergence
 from hpcbnn.bnn.models import mlp
 from hpcbnn.bnn.noise import sampling
@@ -150,6 +150,9 @@ class Variational:
     samples: int = Config.samples
     batch_size: int = Config.batch_size
     eval_samples: int = EVAL_SAMPLES  # of the predictive at evaluation
+    means: str | None = Config.means  # None: bayesianize's default (prior draws for a mixture)
+    mean_scale: float = 1.0  # round 6: the initial means multiplied by this (after the draw)
+    first_prior_fraction: float | None = None  # round 6: the first layer's prior / He std (None: prior_fraction)
 
 
 def batches(n: int, batch_size: int, seed: int, epoch: int) -> list[Tensor]:
@@ -159,18 +162,24 @@ def batches(n: int, batch_size: int, seed: int, epoch: int) -> list[Tensor]:
 
 def fit_bnn(p: Protocol, v: Variational, seed: int, epochs: int) -> nn.Module:
     torch.manual_seed(seed)
-    model = bayesianize(
+    components = v.components or v.samples
+    means = v.means or ("prior" if components > 1 else "module")
+    model = bayesianize(  # the means drawn below, once the prior has v's fraction: the same draws as bayesianize's
         mlp(64, HIDDEN, p.classes),
         prior_scale=v.prior_scale,
         init_std=v.init_std,
         estimator=v.estimator,
-        components=v.components or v.samples,
+        components=components,
+        means="module",
     )
     apply_fractions(  # as bayesianize sets them, with v's fractions for INIT_FRACTION and PRIOR_FRACTION
         model,
         v.init_fraction if v.init_std == "fan_in" else None,
         v.prior_fraction if v.prior_scale == "fan_in" else None,
+        v.first_prior_fraction,
     )
+    draw_prior_means(model, means)
+    scale_means(model, v.mean_scale)
     optimizer = make_optimizer(model, "adam", v.lr, rho_lr_scale=v.rho_lr_scale)
     n = len(p.train.y)
     per_epoch = math.ceil(n / v.batch_size)
@@ -531,7 +540,7 @@ def benchmark(args: argparse.Namespace) -> None:
 
 
 # Rounds 1-3 ran with the then-default fan-in fractions (prior = He std, sigma0 = 0.1 He), pinned here.
-ROUND3 = {"prior_fraction": 1.0, "init_fraction": 0.1}
+ROUND3 = {"prior_fraction": 1.0, "init_fraction": 0.1, "means": "module"}
 SINGLE = ROUND3 | {"components": 1, "lr": 3e-3}  # rounds 1 and 2 compared single posteriors at the then-default lr
 OLD = SINGLE | {"prior_scale": 1.0, "init_std": 1e-3, "rho_lr_scale": 1.0, "kl_weight": 1.0}
 FAN = SINGLE | {"prior_scale": "fan_in", "init_std": "fan_in", "rho_lr_scale": 1.0, "kl_weight": 1.0}
@@ -608,26 +617,35 @@ ROUND3_OPTIONS: dict[str, dict[str, Any]] = {
     "8 components, lr 1e-3": ROUND3 | {"components": 8, "lr": 1e-3},
     "8 components, lr 1e-3, rho x10": ROUND3 | {"components": 8, "lr": 1e-3, "rho_lr_scale": 10.0},
 }
+MODULE = {"means": "module"}  # rounds 3-5: torch's initial means (the mixture's default before round 6)
 ROUND4_OPTIONS: dict[str, dict[str, Any]] = {  # the round-3 mixture (8 components, lr 1e-3) with other fractions
     "round 3: prior 1 He, sigma0 0.1 He": ROUND3,
-    "prior 1 He, sigma0 0.03 He": {"prior_fraction": 1.0, "init_fraction": 0.03},
-    "prior 1 He, sigma0 0.01 He, rho x1": {"prior_fraction": 1.0, "init_fraction": 0.01, "rho_lr_scale": 1.0},
-    "prior 2 He, sigma0 0.01 He": {"prior_fraction": 2.0, "init_fraction": 0.01},
-    "prior 0.7 He, sigma0 0.01 He": {"prior_fraction": 0.7, "init_fraction": 0.01},
-    "prior 0.5 He, sigma0 0.03 He": {"prior_fraction": 0.5, "init_fraction": 0.03},
-    "prior 0.5 He, sigma0 0.01 He": {"prior_fraction": 0.5, "init_fraction": 0.01},
-    "prior 0.5 He, sigma0 0.003 He": {"prior_fraction": 0.5, "init_fraction": 0.003},
-    "prior 0.35 He, sigma0 0.01 He": {"prior_fraction": 0.35, "init_fraction": 0.01},
-    "prior 0.25 He, sigma0 0.01 He": {"prior_fraction": 0.25, "init_fraction": 0.01},
+    "prior 1 He, sigma0 0.03 He": MODULE | {"prior_fraction": 1.0, "init_fraction": 0.03},
+    "prior 1 He, sigma0 0.01 He, rho x1": MODULE | {"prior_fraction": 1.0, "init_fraction": 0.01, "rho_lr_scale": 1.0},
+    "prior 2 He, sigma0 0.01 He": MODULE | {"prior_fraction": 2.0, "init_fraction": 0.01},
+    "prior 0.7 He, sigma0 0.01 He": MODULE | {"prior_fraction": 0.7, "init_fraction": 0.01},
+    "prior 0.5 He, sigma0 0.03 He": MODULE | {"prior_fraction": 0.5, "init_fraction": 0.03},
+    "prior 0.5 He, sigma0 0.01 He": MODULE | {"prior_fraction": 0.5, "init_fraction": 0.01},
+    "prior 0.5 He, sigma0 0.003 He": MODULE | {"prior_fraction": 0.5, "init_fraction": 0.003},
+    "prior 0.35 He, sigma0 0.01 He": MODULE | {"prior_fraction": 0.35, "init_fraction": 0.01},
+    "prior 0.25 He, sigma0 0.01 He": MODULE | {"prior_fraction": 0.25, "init_fraction": 0.01},
 }
 ROUND5_OPTIONS: dict[str, dict[str, Any]] = {  # the prior of round 4's mixture again, on 5 folds' validation parts
-    "prior 0.5 He (round 4)": {"prior_fraction": 0.5, "init_fraction": 0.01},
-    "prior 0.35 He": {"prior_fraction": 0.35, "init_fraction": 0.01},
-    "prior 0.7 He": {"prior_fraction": 0.7, "init_fraction": 0.01},
-    "prior 1 He": {"prior_fraction": 1.0, "init_fraction": 0.01},
-    "prior 0.25 He": {"prior_fraction": 0.25, "init_fraction": 0.01},
+    "prior 0.5 He (round 4)": MODULE | {"prior_fraction": 0.5, "init_fraction": 0.01},
+    "prior 0.35 He": MODULE | {"prior_fraction": 0.35, "init_fraction": 0.01},
+    "prior 0.7 He": MODULE | {"prior_fraction": 0.7, "init_fraction": 0.01},
+    "prior 1 He": MODULE | {"prior_fraction": 1.0, "init_fraction": 0.01},
+    "prior 0.25 He": MODULE | {"prior_fraction": 0.25, "init_fraction": 0.01},
 }
-ROUNDS_RANKED = {4: ROUND4_OPTIONS, 5: ROUND5_OPTIONS}
+ROUND6_OPTIONS: dict[str, dict[str, Any]] = {  # round 5's mixture (0.7 He): where the means start, layer 1's prior
+    "prior 0.7 He (round 5)": MODULE,
+    "layer 1 0.25 He, rest 0.7": MODULE | {"first_prior_fraction": 0.25},
+    "layer 1 0.35 He, rest 1": MODULE | {"first_prior_fraction": 0.35, "prior_fraction": 1.0},
+    "means from the prior": {"means": "prior"},
+    "means x2": MODULE | {"mean_scale": 2.0},
+    "layer 1 0.25 He, means from prior": {"means": "prior", "first_prior_fraction": 0.25},
+}
+ROUNDS_RANKED = {4: ROUND4_OPTIONS, 5: ROUND5_OPTIONS, 6: ROUND6_OPTIONS}
 RANKED = {
     "classification": (("nll", -1), ("ece", -1), ("auroc_best", 1), ("auroc_mi", 1)),
     "regression": (("nll", -1),),
@@ -798,7 +816,7 @@ def main() -> None:
     mode.add_argument("--quick", action="store_true", help="one seed, 30 epochs (< 5 minutes on 2 cores)")
     mode.add_argument("--smoke", action="store_true", help="one seed, one epoch, ensemble of 2 (for the test)")
     mode.add_argument("--tune", action="store_true", help="compare training options on the validation split")
-    parser.add_argument("--round", type=int, default=1, choices=(1, 2, 3, 4, 5), help="which --tune study")
+    parser.add_argument("--round", type=int, default=1, choices=(1, 2, 3, 4, 5, 6), help="which --tune study")
     parser.add_argument("--seeds", type=int, default=3, help="seeds of the full run (means over them)")
     parser.add_argument(
         "--folds",

@@ -6,7 +6,7 @@ import typing
 
 import pytest
 
-from hpcbnn.bnn.layers import ESTIMATORS, BayesianLinear
+from hpcbnn.bnn.layers import ESTIMATORS, MEAN_INITS, BayesianLinear
 from hpcbnn.bnn.models import MODELS, build_model
 from hpcbnn.data.augment import AUGMENT_NAMES, AUGMENTATIONS, augmentation
 from hpcbnn.errors import UsageError
@@ -35,6 +35,13 @@ def test_config_allows_exactly_the_implemented_choices(field: str) -> None:
 def test_every_choice_parses(field: str) -> None:
     for choice in FIELDS[field]:
         assert getattr(parse_config([f"--{field}", choice]), field) == choice
+
+
+def test_mean_inits_are_the_config_choices() -> None:
+    (choices, none) = typing.get_args(typing.get_type_hints(Config)["means"])
+    assert typing.get_args(choices) == MEAN_INITS and none is type(None)
+    for choice in MEAN_INITS:
+        assert parse_config(["--means", choice]).means == choice
 
 
 def test_augmentations_are_the_named_ones() -> None:

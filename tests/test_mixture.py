@@ -16,11 +16,36 @@ def mixture(k=4):
     return bayesianize(mlp(6, [8], 3), components=k)
 
 
-def test_components_start_apart_and_the_first_is_the_given_network():
+def test_components_start_as_draws_of_the_prior_on_every_rank_alike():
+    def draw() -> Mixture:
+        torch.manual_seed(5)
+        return bayesianize(mlp(64, [128], 10), components=3)
+
+    model = draw()
+    for c in model.components:
+        for layer in (c[1], c[3]):  # torch's default init has std 0.58 / sqrt(fan_in), the prior 0.99 / sqrt(fan_in)
+            torch.testing.assert_close(float(layer.weight_mu.detach().std()), layer.prior_scale, rtol=0.05, atol=0)
+    first, second = model.components[0][1].weight_mu, model.components[1][1].weight_mu
+    assert not torch.allclose(first, second)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), draw().state_dict().values()))
+
+
+def test_a_single_network_keeps_its_weights_unless_asked_to_draw():
+    torch.manual_seed(0)
+    net = mlp(6, [8], 3)
+    kept = net[1].weight.detach().clone()
+    assert torch.equal(bayesianize(net)[1].weight_mu, kept)
+    drawn = bayesianize(mlp(64, [128], 3), means="prior")[1]
+    torch.testing.assert_close(float(drawn.weight_mu.detach().std()), drawn.prior_scale, rtol=0.05, atol=0)
+    with pytest.raises(UsageError, match="means 'zero': choose one of prior, module"):
+        bayesianize(mlp(6, [8], 3), components=2, means="zero")  # type: ignore[arg-type]
+
+
+def test_with_means_module_the_first_component_is_the_given_network():
     torch.manual_seed(0)
     net = mlp(6, [8], 3)
     first = net[1].weight.detach().clone()
-    model = bayesianize(net, components=3)
+    model = bayesianize(net, components=3, means="module")
     assert isinstance(model, Mixture) and num_components(model) == 3 and num_components(net) == 1
     means = [c[1].weight_mu for c in model.components]
     assert all(isinstance(c[1], BayesianLinear) for c in model.components)
@@ -95,7 +120,7 @@ def test_weight_decay_pulls_a_component_as_it_pulls_a_single_network(name):
 
     def train(k: int) -> torch.nn.Module:
         torch.manual_seed(0)
-        model = bayesianize(mlp(6, [8], 3), init_std=1e-9, components=k)  # sigma ~ 0: the same loss surface
+        model = bayesianize(mlp(6, [8], 3), init_std=1e-9, components=k, means="module")  # sigma ~ 0: one surface
         opt = make_optimizer(model, name, 1e-2, weight_decay=0.5)
         g = torch.Generator().manual_seed(1)
         for step in range(5):

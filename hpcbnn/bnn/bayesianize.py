@@ -3,7 +3,12 @@
 Linear, Conv1d, Conv2d and MultiheadAttention layers become mean-field Gaussian layers
 whose posterior means are the layer's current weights (so a pretrained network becomes a
 Bayesian one centred on it), and every BatchNorm keeps its statistics per sample. With
-`components=K` the posterior is a uniform mixture of K such networks (`hpcbnn.bnn.mixture`).
+`components=K` the posterior is a uniform mixture of K such networks (`hpcbnn.bnn.mixture`),
+each starting from its own draw of the prior: off the data, the components disagree as far
+apart as they started (docs/uq.md, round 6).
+
+    model = bayesianize(mlp(64, [128, 128], 10), components=8)  # weight means ~ N(0, prior^2)
+    model = bayesianize(pretrained, components=8, means="module")  # component 0 keeps its weights
 """
 
 from __future__ import annotations
@@ -16,11 +21,14 @@ from torch import nn
 
 from hpcbnn.bnn.layers import (
     FAN_IN,
+    MEAN_INITS,
     SAMPLE_BATCH_NORM,
     BayesianConv1d,
     BayesianConv2d,
     BayesianLinear,
+    BayesianModule,
     BayesianMultiheadAttention,
+    MeanInit,
     Scale,
 )
 from hpcbnn.bnn.mixture import Mixture
@@ -77,6 +85,7 @@ def bayesianize(
     init_std: Scale = FAN_IN,
     estimator: str = "reparam",
     components: int = 1,
+    means: MeanInit | None = None,
 ) -> nn.Module:
     """Make the selected layers of `model` Bayesian and return the model.
 
@@ -85,23 +94,39 @@ def bayesianize(
     "fan_in" to scale each layer's prior and initial sigma with its fan-in (see
     `hpcbnn.bnn.layers`). Returns a new object only when `model` itself is a single
     convertible layer, or with `components` > 1: then a `Mixture` whose first component
-    is `model` (its means are `model`'s weights) and whose others are copies with freshly
-    initialised means (drawn from torch's global RNG, in order).
+    is `model` and whose others are copies with freshly initialised means.
+
+    `means`: "prior" draws every weight mean from its layer's prior (the default with
+    `components` > 1, which spreads the components apart); "module" keeps `model`'s weights
+    (the default for a single network, and what a pretrained mixture wants), the copies
+    taking torch's initialisation. Both draw from torch's global RNG, in module order.
     """
     if components < 1:
         raise UsageError(f"components {components}: a posterior has at least 1 component")
+    means = means or ("prior" if components > 1 else "module")
+    if means not in MEAN_INITS:
+        raise UsageError(f"means {means!r}: choose one of {', '.join(MEAN_INITS)}")
+    kw = {"prior_scale": prior_scale, "init_std": init_std, "estimator": estimator}
     if components == 1:
-        return _convert(model, layers, {"prior_scale": prior_scale, "init_std": init_std, "estimator": estimator})
+        return draw_prior_means(_convert(model, layers, kw), means)
     copies = [copy.deepcopy(model) for _ in range(components - 1)]
     for c in copies:
         for m in c.modules():
             reset = getattr(m, "reset_parameters", None) or getattr(m, "_reset_parameters", None)
             if callable(reset):
                 reset()
-    kw = {"prior_scale": prior_scale, "init_std": init_std, "estimator": estimator}
     mixture = Mixture([_convert(m, layers, kw) for m in (model, *copies)])
     assign_noise_keys(mixture)
-    return mixture
+    return draw_prior_means(mixture, means)
+
+
+def draw_prior_means(model: nn.Module, means: MeanInit = "prior") -> nn.Module:
+    """With means="prior", every Bayesian layer's weight means drawn from its prior, in module order."""
+    if means == "prior":
+        for m in model.modules():
+            if isinstance(m, BayesianModule):
+                m.draw_means()
+    return model
 
 
 def _convert(model: nn.Module, layers: Selection, kw: dict[str, Any]) -> nn.Module:

@@ -51,6 +51,8 @@ FAN_IN: Literal["fan_in"] = "fan_in"
 PRIOR_FRACTION = 0.7  # prior std / He std with prior_scale="fan_in" (docs/uq.md, round 5; round 4: 0.5)
 INIT_FRACTION = 0.01  # initial sigma / He std with init_std="fan_in" (docs/uq.md, round 4)
 Scale = Union[float, Literal["fan_in"]]
+MeanInit = Literal["prior", "module"]  # where bayesianize starts the posterior means (docs/uq.md, round 6)
+MEAN_INITS: tuple[MeanInit, ...] = get_args(MeanInit)
 
 
 def inverse_softplus(y: float) -> float:
@@ -132,6 +134,11 @@ class BayesianModule(KLTerm):
             bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0.0
             nn.init.uniform_(self.bias_mu, -bound, bound)
             nn.init.constant_(self.bias_rho, inverse_softplus(self.init_std))
+
+    def draw_means(self) -> None:
+        """Weight means drawn from the prior N(0, prior_scale^2); the biases keep torch's initialisation."""
+        with torch.no_grad():
+            self.weight_mu.normal_(0.0, self.prior_scale)
 
     def load_means(self, weight: Tensor, bias: Tensor | None) -> None:
         """Centre the posterior on deterministic weights (e.g. pretrained ones)."""

@@ -16,7 +16,7 @@ from typing import Literal, Optional, TypeVar, Union
 import yaml
 from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser, set_parsing_settings
 
-from hpcbnn.bnn.layers import Estimator
+from hpcbnn.bnn.layers import Estimator, MeanInit
 from hpcbnn.bnn.models import ModelName
 from hpcbnn.bnn.objectives import DEFAULT_KL_WEIGHT
 from hpcbnn.bounded import COLLECTIVE_TIMEOUT_S
@@ -62,6 +62,10 @@ class Config:
     parameters are this many times a single network's; 1 is a single mean-field Gaussian, whose sigmas
     hardly grow at lr 1e-3 (use --lr 3e-3 with it; docs/uq.md, round 4). samples and eval_samples must be
     multiples of it."""
+    means: Optional[MeanInit] = None
+    """Where the posterior means start: prior draws each weight mean from its prior, module keeps the
+    network's own weights (torch's initialisation, or --pretrained's). Default: prior for a mixture, which
+    spreads its components apart (docs/uq.md, round 6); module with one component or --pretrained."""
     mode: Mode = "sample"
     """Parallelism: sample splits the MC samples over ranks, data the batch, hybrid both (K x D)."""
     sample_group: Optional[int] = None

@@ -32,6 +32,7 @@ def build_network(cfg: Config, info: DatasetInfo) -> nn.Module:
         init_std=cfg.init_std,
         estimator=cfg.estimator,
         components=components,
+        means=cfg.means or ("module" if cfg.pretrained else None),
     )
     return model.to(getattr(torch, cfg.dtype))
 
