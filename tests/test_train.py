@@ -238,3 +238,23 @@ def test_time_series_regression_end_to_end(tmp_path: Path) -> None:
     assert 0 < test["crps"] < test["rmse"]
     assert set(test["coverage"]) == {"0.5", "0.9", "0.95"}
     assert (run_dir / "calibration.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_pretrained_mixture_keeps_its_weights_and_a_fresh_one_starts_from_the_prior(tmp_path: Path) -> None:
+    """--means defaults to the prior's draws for a mixture, and to the network's own weights with --pretrained."""
+    from hpcbnn.bnn.models import build_model
+    from hpcbnn.run.config import parse_config
+
+    info = open_dataset(default_dataset(), "train")
+    torch.manual_seed(3)
+    net = build_model("mlp", info.input_shape, info.num_classes, hidden=[128, 128])
+    path = tmp_path / "weights.pt"
+    torch.save(net.state_dict(), path)
+    first = net[1].weight.detach()
+
+    pretrained = build_network(parse_config(["--pretrained", str(path)]), info)
+    assert torch.equal(pretrained.components[0][1].weight_mu.detach(), first)
+    drawn = build_network(parse_config([]), info).components[0][1]
+    torch.testing.assert_close(float(drawn.weight_mu.detach().std()), drawn.prior_scale, rtol=0.05, atol=0)
+    chosen = build_network(parse_config(["--pretrained", str(path), "--means", "prior"]), info).components[0][1]
+    assert not torch.equal(chosen.weight_mu.detach(), first)
