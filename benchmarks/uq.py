@@ -46,8 +46,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from benchmarks.fractions import apply_fractions, scale_means
-from hpcbnn.bnn.bayesianize import bayesianize, draw_prior_means
-from hpcbnn.bnn.layers import ESTIMATORS, INIT_FRACTION, PRIOR_FRACTION, BayesianModule, kl_divergence
+from hpcbnn.bnn.bayesianize import bayesianize, draw_prior_means, resolve_means
+from hpcbnn.bnn.layers import ESTIMATORS, INIT_FRACTION, PRIOR_FRACTION, BayesianModule, MeanInit, kl_divergence
 from hpcbnn.bnn.models import mlp
 from hpcbnn.bnn.noise import sampling
 from hpcbnn.bnn.objectives import categorical_loglik, elbo_loss, predictive_loss
@@ -150,7 +150,7 @@ class Variational:
     samples: int = Config.samples
     batch_size: int = Config.batch_size
     eval_samples: int = EVAL_SAMPLES  # of the predictive at evaluation
-    means: str | None = Config.means  # None: bayesianize's default (prior draws for a mixture)
+    means: MeanInit | None = Config.means  # None: bayesianize's default (prior draws for a mixture)
     mean_scale: float = 1.0  # round 6: the initial means multiplied by this (after the draw)
     first_prior_fraction: float | None = None  # round 6: the first layer's prior / He std (None: prior_fraction)
 
@@ -163,7 +163,7 @@ def batches(n: int, batch_size: int, seed: int, epoch: int) -> list[Tensor]:
 def fit_bnn(p: Protocol, v: Variational, seed: int, epochs: int) -> nn.Module:
     torch.manual_seed(seed)
     components = v.components or v.samples
-    means = v.means or ("prior" if components > 1 else "module")
+    means = resolve_means(v.means, components)
     model = bayesianize(  # the means drawn below, once the prior has v's fraction: the same draws as bayesianize's
         mlp(64, HIDDEN, p.classes),
         prior_scale=v.prior_scale,

@@ -103,9 +103,7 @@ def bayesianize(
     """
     if components < 1:
         raise UsageError(f"components {components}: a posterior has at least 1 component")
-    means = means or ("prior" if components > 1 else "module")
-    if means not in MEAN_INITS:
-        raise UsageError(f"means {means!r}: choose one of {', '.join(MEAN_INITS)}")
+    means = resolve_means(means, components)
     kw = {"prior_scale": prior_scale, "init_std": init_std, "estimator": estimator}
     if components == 1:
         return draw_prior_means(_convert(model, layers, kw), means)
@@ -118,6 +116,14 @@ def bayesianize(
     mixture = Mixture([_convert(m, layers, kw) for m in (model, *copies)])
     assign_noise_keys(mixture)
     return draw_prior_means(mixture, means)
+
+
+def resolve_means(means: MeanInit | None, components: int) -> MeanInit:
+    """`means`, or its default: draws of the prior for a mixture, the network's own weights for one component."""
+    resolved = means or ("prior" if components > 1 else "module")
+    if resolved not in MEAN_INITS:
+        raise UsageError(f"means {resolved!r}: choose one of {', '.join(MEAN_INITS)}")
+    return resolved
 
 
 def draw_prior_means(model: nn.Module, means: MeanInit = "prior") -> nn.Module:
