@@ -63,10 +63,10 @@ def worker(args: argparse.Namespace) -> None:
     class Alone(Collectives):
         """Every axis of a 1-rank grid is trivial: these are never called."""
 
-        def _allreduce_(self, *_):  # type: ignore[no-untyped-def]
+        def _start_allreduce(self, *_):  # type: ignore[no-untyped-def]
             raise AssertionError("the ceiling worker never communicates")
 
-        _broadcast_ = _gather = _allreduce_
+        _broadcast_ = _gather = _start_allreduce
 
     torch.set_num_threads(1)
     if args.ceiling:

@@ -1,9 +1,11 @@
 """Horovod collectives hit its response cache: a long run prints no eviction warning; fusion
-stops at 1 MiB unless the user sets HOROVOD_FUSION_THRESHOLD."""
+stops at 1 MiB unless the user sets HOROVOD_FUSION_THRESHOLD. Gradient reductions overlap
+backward on both backends."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 
 import pytest
 
@@ -22,3 +24,19 @@ def test_many_steps_print_no_cache_eviction() -> None:
     assert result.stdout.count("fusion threshold 1048576") == 2, "hpcbnn's default fusion threshold"
     assert "evicted" not in result.output, result.output[-3000:]
     assert " W " not in result.output and "warn" not in result.output.lower(), result.output[-3000:]
+
+
+@pytest.mark.parametrize("np, mode, k, backend, reduction", [
+    (2, "sample", 0, "horovod", "world"), (2, "sample", 0, "torch", "world"),
+    (4, "hybrid", 2, "torch", "hierarchical"),
+])
+def test_gradient_reductions_start_during_backward(np: int, mode: str, k: int, backend: str, reduction: str) -> None:
+    """Each of the model's four gradients starts its reduction inside backward (the overlap);
+    one accumulated before the block is reduced at its exit; all end as the ranks' average."""
+    result = run_mpi(np, ["tests/programs/overlap.py", mode, str(k), backend, reduction], timeout=120)
+    assert result.returncode == 0, result.output[-3000:]
+    records = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(records) == np
+    for record in records:
+        assert record["during"] == [0, 1, 2, 3], record  # the model's, not the early parameter (4)
+        assert record["error"] < 1e-12, record

@@ -25,7 +25,8 @@ import socket
 import time
 import zlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Literal, cast, get_args
 
 import torch
@@ -55,7 +56,7 @@ class Collectives(ABC):
     def allreduce_(self, tensors: list[Tensor], axis: Axis = "world", average: bool = True) -> None:
         """Reduce `tensors` in place over `axis` (one fused call for all of them)."""
         if tensors and not self.trivial(axis):
-            self._allreduce_(tensors, axis, average)
+            self._start_allreduce(tensors, axis, average, "")()
 
     def broadcast_(self, tensors: Iterable[Tensor], root: int = 0) -> None:
         """Overwrite `tensors` on every rank with world rank `root`'s values."""
@@ -78,8 +79,52 @@ class Collectives(ABC):
         else:
             self.allreduce_(grads, "world")
 
+    @contextmanager
+    def reducing_gradients(self, params: list[torch.nn.Parameter], hierarchical: bool = False) -> Iterator[list[int]]:
+        """Average gradients as `reduce_gradients` does, each one's reduction started as soon as
+        backward has accumulated it, so the transfer of the last layers' gradients overlaps the
+        backward of the first ones (as DDP's buckets do); the exit waits for all of them.
+
+            with comm.reducing_gradients(params) as started:
+                loss.backward()   # started: the indices in `params` whose reduction began
+            optimizer.step()      # every gradient is the average over the grid here
+
+        The block runs one backward (earlier ones may accumulate into the same gradients).
+        Hooks fire in the autograd order, the same on every rank, so the collectives are
+        issued in the same order everywhere. A gradient whose hook did not fire (one
+        accumulated before the block only) is reduced at the exit. With `hierarchical`, the
+        reduction over samples overlaps and the one over data follows it.
+        """
+        first: Axis = "sample" if hierarchical else "world"
+        started: list[int] = []
+        pending: list[Callable[[], None]] = []
+
+        def start(index: int) -> Callable[[Tensor], None]:
+            def hook(param: Tensor) -> None:
+                assert param.grad is not None
+                pending.append(self._start_allreduce([param.grad], first, True, f"grad{index}"))
+                started.append(index)
+
+            return hook
+
+        overlap = not self.trivial(first)
+        handles = [p.register_post_accumulate_grad_hook(start(i)) for i, p in enumerate(params) if overlap]
+        try:
+            yield started
+        finally:
+            for handle in handles:
+                handle.remove()
+        for finish in pending:
+            finish()
+        done = set(started)
+        self.allreduce_([p.grad for i, p in enumerate(params) if p.grad is not None and i not in done], first)
+        if hierarchical:
+            self.allreduce_([p.grad for p in params if p.grad is not None], "data")
+
     @abstractmethod
-    def _allreduce_(self, tensors: list[Tensor], axis: Axis, average: bool) -> None: ...
+    def _start_allreduce(self, tensors: list[Tensor], axis: Axis, average: bool, tag: str) -> Callable[[], None]:
+        """Start reducing `tensors` in place; the returned call waits for it (bounded) and
+        leaves the result in them. `tag` tells apart reductions in flight at once."""
 
     @abstractmethod
     def _broadcast_(self, tensors: list[Tensor], root: int) -> None: ...
@@ -128,11 +173,16 @@ class HorovodCollectives(Collectives):
         hvd.init(comm=grid.world, process_sets=list(own.values()))
         self.sets = {axis: own.get(axis, hvd.global_process_set) for axis in ("sample", "data", "world")}
 
-    def _allreduce_(self, tensors: list[Tensor], axis: Axis, average: bool) -> None:
+    def _start_allreduce(self, tensors: list[Tensor], axis: Axis, average: bool, tag: str) -> Callable[[], None]:
         op = self.hvd.Average if average else self.hvd.Sum
-        name = _op_name("average" if average else "sum", axis, [(t.dtype, t.shape) for t in tensors])
+        kind = ("average" if average else "sum") + tag
+        name = _op_name(kind, axis, [(t.dtype, t.shape) for t in tensors])
         handle = self.hvd.grouped_allreduce_async_(tensors, op=op, process_set=self.sets[axis], name=name)
-        self._wait([handle], f"a Horovod allreduce over the {axis} ranks")
+
+        def finish() -> None:
+            self._wait([handle], f"a Horovod allreduce over the {axis} ranks")
+
+        return finish
 
     def _broadcast_(self, tensors: list[Tensor], root: int) -> None:
         handles = [
@@ -206,17 +256,22 @@ class TorchCollectives(Collectives):
         groups = {g: self.dist.new_group(list(g), timeout=self.timeout) for g in every}
         return cast("ProcessGroup", groups[tuple(members)])  # a member's group, never NON_GROUP_MEMBER
 
-    def _allreduce_(self, tensors: list[Tensor], axis: Axis, average: bool) -> None:
-        flat = torch.cat([t.reshape(-1) for t in tensors])
-        self._wait(
-            [self.dist.all_reduce(flat, group=self.groups[axis], async_op=True)], f"an allreduce over the {axis} ranks"
-        )
-        if average:
-            flat /= self.grid.axis_size(axis)
-        offset = 0
-        for t in tensors:
-            t.copy_(flat[offset : offset + t.numel()].view_as(t))
-            offset += t.numel()
+    def _start_allreduce(self, tensors: list[Tensor], axis: Axis, average: bool, tag: str) -> Callable[[], None]:
+        alone = len(tensors) == 1 and tensors[0].is_contiguous()
+        flat = tensors[0] if alone else torch.cat([t.reshape(-1) for t in tensors])
+        work = self.dist.all_reduce(flat, group=self.groups[axis], async_op=True)
+
+        def finish() -> None:
+            self._wait([work], f"an allreduce over the {axis} ranks")
+            if average:
+                flat.div_(self.grid.axis_size(axis))
+            if flat is not tensors[0]:
+                offset = 0
+                for t in tensors:
+                    t.copy_(flat[offset : offset + t.numel()].view_as(t))
+                    offset += t.numel()
+
+        return finish
 
     def _broadcast_(self, tensors: list[Tensor], root: int) -> None:
         works = [self.dist.broadcast(t, src=root, async_op=True) for t in tensors]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, get_args
 
@@ -188,12 +189,15 @@ class Engine:
         chunk = self.sample_chunk or len(self.local)
         for i in range(0, len(self.local), chunk):
             samples = self.local[i : i + chunk]
+            last = i + chunk >= len(self.local)
             part, part_nll, part_kl = self.loss(x, y, rows, step, samples)
             share = len(samples) / len(self.local)
-            (part * share if share < 1 else part).backward()
+            # The last backward starts each gradient's reduction as soon as it is ready: the
+            # transfer of the last layers overlaps the backward of the first ones.
+            with self.comm.reducing_gradients(self.params, self.hierarchical) if last else nullcontext():
+                (part * share if share < 1 else part).backward()
+                computed = time.perf_counter()
             loss, nll, kl = loss + share * part.item(), nll + share * part_nll.item(), part_kl.item()
-        computed = time.perf_counter()
-        self.comm.reduce_gradients(self.params, self.hierarchical)
         reduced = time.perf_counter()
         if self.clip_grad:
             nn.utils.clip_grad_norm_(self.params, self.clip_grad)
