@@ -18,19 +18,27 @@ ceiling(P) = t_ceiling(1) / t_ceiling(P): the efficiency left once P ranks share
 cores, caches and memory bandwidth. Every row also gets efficiency_vs_ceiling =
 efficiency / ceiling(P).
 
+The backend at rest: for each P, one more launch (`worker --idle`) of the weak sample
+configuration with the backend started (Horovod's background thread, Gloo's workers) but
+no gradient ever reduced. Its efficiency t_idle(1)/t_idle(P) against the ceiling, `idle`,
+is what the backend's presence costs as P grows, and the gap between it and the weak sample
+row the reductions'; its step time at P = 1 against the ceiling's shows what the backend
+costs a single rank (`idle_step_time`), which the efficiencies, relative to P = 1, leave out.
+
 `--rounds R` launches every configuration and every ceiling R times, round by round, and
 reports each one's median: on a shared machine a slow spell then touches every
 configuration instead of one (a single round's ceiling at P = 2 ranged 0.80-1.10 here).
 
 Prints a table, then, as the last line, one JSON object
-`{"ceiling": {"1": 1.0, "2": ...}, "ceiling_step_time": {"1": s, ...}, "rounds": R, "rows": [...]}`
-("ceiling" keyed by str(P)); writes OUT/scaling.csv (with a `ceiling` column) and
+`{"ceiling": {"1": 1.0, "2": ...}, "ceiling_step_time": {"1": s, ...}, "idle": {"1": 1.0, "2": ...},
+"idle_step_time": {"1": s, ...}, "rounds": R, "rows": [...]}` (keyed by str(P)); writes OUT/scaling.csv (with a `ceiling` column) and
 OUT/scaling.png. Other modules call `run(ranks=..., out=...)`, which returns that object.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import itertools
 import json
@@ -75,6 +83,8 @@ def worker(args: argparse.Namespace) -> None:
     else:
         grid = ProcessGrid(args.mode, args.sample_group or None)
         comm = make_collectives(grid, args.backend)
+        if args.idle:  # the backend started, no gradient reduced: what its presence alone costs
+            comm.reducing_gradients = lambda params, hierarchical=False: contextlib.nullcontext([])
     torch.manual_seed(0)
     layers: list[nn.Module] = []
     for a, b in itertools.pairwise(WIDTHS):
@@ -131,13 +141,13 @@ def _hybrid_k(p: int) -> int:
 
 
 def launch(cfg: dict, *, steps: int, warmup: int, backend: str, launcher: str, timeout: float,
-           ceiling: bool = False) -> dict:
+           ceiling: bool = False, idle: bool = False) -> dict:
     """One worker launch of `cfg` (ranks, mode, k, samples, batch, reduction): its step and comm time."""
     command = [*shlex.split(launcher), "-np" if launcher.startswith("mpirun") else "-n", str(cfg["ranks"])]
     command += [sys.executable, "-m", "benchmarks.scaling", "worker", "--mode", cfg["mode"],
                 "--sample-group", str(cfg["k"]), "--samples", str(cfg["samples"]), "--batch", str(cfg["batch"]),
                 "--steps", str(steps), "--warmup", str(warmup), "--backend", backend,
-                "--reduction", cfg["reduction"], *(["--ceiling"] if ceiling else [])]
+                "--reduction", cfg["reduction"], *(["--ceiling"] if ceiling else []), *(["--idle"] if idle else [])]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
     if done.returncode:
@@ -152,8 +162,8 @@ def run(ranks: list[int], modes: list[str] | tuple[str, ...] = MODES, samples_pe
     """Every configuration and the ceiling per P, `rounds` times in turn (each time the median
     over rounds); writes OUT/scaling.csv and OUT/scaling.png.
 
-    Returns {"ceiling": {str(P): ceiling}, "ceiling_step_time": {str(P): seconds}, "rounds": rounds,
-    "rows": [...]}.
+    Returns {"ceiling": {str(P): ceiling}, "ceiling_step_time": {str(P): seconds}, "idle": {str(P): x},
+    "idle_step_time": {str(P): seconds}, "rounds": rounds, "rows": [...]}.
     """
     if 1 not in ranks:
         raise SystemExit("--ranks must include 1: efficiencies and the ceiling are relative to one rank")
@@ -161,16 +171,22 @@ def run(ranks: list[int], modes: list[str] | tuple[str, ...] = MODES, samples_pe
     configs = configurations(ranks, list(modes), samples_per_rank, batch_per_rank)
     runs: list[list[dict]] = [[] for _ in configs]
     alone_runs: dict[int, list[float]] = {p: [] for p in ranks}
+    idle_runs: dict[int, list[float]] = {p: [] for p in ranks}
     for _ in range(rounds):  # in turn, so that a slow spell of a shared machine touches every configuration
         for cfg, results in zip(configs, runs):
             results.append(launch(cfg, **how))
         for p in ranks:
             alone_runs[p].append(launch(dict(ranks=p, mode="sample", k=1, samples=samples_per_rank,
                                              batch=batch_per_rank, reduction="world"), ceiling=True, **how)["step_time"])
+        for p in idle_runs:
+            idle_runs[p].append(launch(dict(ranks=p, mode="sample", k=p, samples=samples_per_rank * p,
+                                            batch=batch_per_rank, reduction="world"), idle=True, **how)["step_time"])
     rows = [{**cfg, "step_time": statistics.median(r["step_time"] for r in results),
              "comm_time": statistics.median(r["comm_time"] for r in results)} for cfg, results in zip(configs, runs)]
     alone = {p: statistics.median(t) for p, t in alone_runs.items()}
     ceiling = {str(p): alone[1] / alone[p] for p in ranks}
+    idle_time = {p: statistics.median(t) for p, t in idle_runs.items()}
+    idle = {str(p): idle_time[1] / idle_time[p] / ceiling[str(p)] for p in ranks}
     for row in rows:
         base = next(r for r in rows if (r["scaling"], r["mode"], r["ranks"]) == (row["scaling"], row["mode"], 1))
         ideal = 1 if row["scaling"] == "weak" else row["ranks"]
@@ -188,14 +204,16 @@ def run(ranks: list[int], modes: list[str] | tuple[str, ...] = MODES, samples_pe
 
     scaling_plot([{**r, "mode": r["mode"] + ("/hier" if r["reduction"] == "hierarchical" else "")}
                   for r in rows], out / "scaling.png")
-    return {"ceiling": ceiling, "ceiling_step_time": {str(p): t for p, t in alone.items()}, "rounds": rounds,
-            "rows": rows}
+    return {"ceiling": ceiling, "ceiling_step_time": {str(p): t for p, t in alone.items()}, "idle": idle,
+            "idle_step_time": {str(p): t for p, t in idle_time.items()}, "rounds": rounds, "rows": rows}
 
 
 def table(result: dict) -> str:
     """The ceiling per P, then one line per configuration."""
     lines = ["machine ceiling (P ranks alone, no communication): " + "  ".join(
         f"P={p} {c:.2f} ({result['ceiling_step_time'][p]:.4f} s)" for p, c in result["ceiling"].items()),
+        "backend started, no reduction (weak sample), efficiency / ceiling: " + "  ".join(
+            f"P={p} {x:.2f} ({result['idle_step_time'][p]:.4f} s)" for p, x in result["idle"].items()),
         f"{'scaling':8} {'mode':7} {'reduction':12} {'P':>3} {'K':>3} {'S':>4} {'B':>5} "
         f"{'step s':>8} {'comm':>6} {'eff':>6} {'ceil':>6} {'eff/ceil':>8}"]
     for r in result["rows"]:
@@ -219,6 +237,7 @@ def main(argv: list[str] | None = None) -> None:
     w.add_argument("--backend", default="horovod")
     w.add_argument("--reduction", default="world")
     w.add_argument("--ceiling", action="store_true", help="each rank alone on COMM_SELF, no communication")
+    w.add_argument("--idle", action="store_true", help="the backend started, no gradient reduced")
     parser.add_argument("--ranks", type=int, nargs="+", default=[p for p in (1, 2, 4, 8) if p <= os.cpu_count()])
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--samples-per-rank", type=int, default=4, help="weak scaling: S/K (default 4)")

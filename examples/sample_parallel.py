@@ -38,8 +38,8 @@ for step in range(args.steps):
     loglik = hb.categorical_loglik(logits, y[batch])  # [k, B]
     loss = hb.elbo_loss(loglik, hb.kl_divergence(model), n_train=len(x))
     optimizer.zero_grad()
-    loss.backward()
-    comm.reduce_gradients(model.parameters())  # hpcbnn: average the gradients over the ranks
+    with comm.reducing_gradients(model.parameters()):  # hpcbnn: average the gradients over the ranks,
+        loss.backward()  # each one's reduction started as soon as backward has it
     optimizer.step()
     nll = torch.stack([-loglik.mean().detach()])
     comm.allreduce_([nll])  # hpcbnn: the expected NLL over all S samples, for the log

@@ -1,4 +1,5 @@
-"""Smoke test of `python -m benchmarks.scaling`: the machine ceiling per P, in the JSON, the CSV and the figure."""
+"""Smoke test of `python -m benchmarks.scaling`: the machine ceiling and the idle backend per P, in the JSON,
+the CSV and the figure."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ def test_the_benchmark_measures_the_machine_ceiling_and_prints_its_json_last(tmp
     result = json.loads(done.stdout.strip().splitlines()[-1])
     ceiling = result["ceiling"]
     assert ceiling["1"] == 1.0 and ceiling["2"] > 0 and result["rounds"] == 2
+    assert result["idle"]["1"] == 1.0 and result["idle"]["2"] > 0 and result["idle_step_time"]["2"] > 0
     assert {(r["scaling"], r["ranks"]) for r in result["rows"]} == {(s, p) for s in ("weak", "strong") for p in (1, 2)}
     for row in result["rows"]:
         assert row["mode"] == "sample" and row["step_time"] > 0 and 0 <= row["comm_share"]

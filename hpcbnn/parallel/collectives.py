@@ -80,7 +80,9 @@ class Collectives(ABC):
             self.allreduce_(grads, "world")
 
     @contextmanager
-    def reducing_gradients(self, params: list[torch.nn.Parameter], hierarchical: bool = False) -> Iterator[list[int]]:
+    def reducing_gradients(
+        self, params: Iterable[torch.nn.Parameter], hierarchical: bool = False
+    ) -> Iterator[list[int]]:
         """Average gradients as `reduce_gradients` does, each one's reduction started as soon as
         backward has accumulated it, so the transfer of the last layers' gradients overlaps the
         backward of the first ones (as DDP's buckets do); the exit waits for all of them.
@@ -95,6 +97,7 @@ class Collectives(ABC):
         accumulated before the block only) is reduced at the exit. With `hierarchical`, the
         reduction over samples overlaps and the one over data follows it.
         """
+        params = list(params)
         first: Axis = "sample" if hierarchical else "world"
         started: list[int] = []
         pending: list[Callable[[], None]] = []
