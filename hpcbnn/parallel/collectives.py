@@ -111,7 +111,8 @@ class Collectives(ABC):
             return hook
 
         overlap = not self.trivial(first)
-        handles = [p.register_post_accumulate_grad_hook(start(i)) for i, p in enumerate(params) if overlap]
+        hooked = [(i, p) for i, p in enumerate(params) if overlap and p.requires_grad]  # frozen ones get no hook
+        handles = [p.register_post_accumulate_grad_hook(start(i)) for i, p in hooked]
         try:
             yield started
         finally:

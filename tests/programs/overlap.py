@@ -28,24 +28,26 @@ def gradients(rank: int, model: nn.Module, early: nn.Parameter) -> torch.Tensor:
 torch.manual_seed(0)
 model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
 early = nn.Parameter(torch.ones(2))  # accumulated before the block only: reduced at its exit
-params = [*model.parameters(), early]
+frozen = nn.Parameter(torch.ones(3), requires_grad=False)  # no hook, no gradient, no error
+params = [*model.parameters(), early, frozen]
+trained = params[:-1]
 
-want = [torch.zeros_like(p) for p in params]
+want = [torch.zeros_like(p) for p in trained]
 for rank in range(grid.size):
-    for p in params:
+    for p in trained:
         p.grad = None
     gradients(rank, model, early).backward()
-    for w, p in zip(want, params):
+    for w, p in zip(want, trained):
         w += p.grad / grid.size
 
-for p in params:
+for p in trained:
     p.grad = None
 loss = gradients(grid.rank, model, early)
 with comm.reducing_gradients(params, reduction == "hierarchical") as started:
     loss.backward()
     during = sorted(started)
-error = max((p.grad - w).abs().max().item() for p, w in zip(params, want))
+error = max((p.grad - w).abs().max().item() for p, w in zip(trained, want))
 
-records = grid.world.gather({"rank": grid.rank, "during": during, "error": error, "params": len(params)})
+records = grid.world.gather({"rank": grid.rank, "during": during, "error": error, "frozen": frozen.grad is None})
 if grid.is_root:
     print(json.dumps(records))
