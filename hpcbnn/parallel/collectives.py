@@ -83,45 +83,59 @@ class Collectives(ABC):
     def reducing_gradients(
         self, params: Iterable[torch.nn.Parameter], hierarchical: bool = False
     ) -> Iterator[list[int]]:
-        """Average gradients as `reduce_gradients` does, each one's reduction started as soon as
-        backward has accumulated it, so the transfer of the last layers' gradients overlaps the
-        backward of the first ones (as DDP's buckets do); the exit waits for all of them.
+        """Average gradients as `reduce_gradients` does, their reductions started while backward
+        still runs, so the transfer of the last layers' gradients overlaps the backward of the
+        first ones (as DDP's buckets do); the exit waits for all of them.
 
-            with comm.reducing_gradients(params) as started:
+            with comm.reducing_gradients(model.parameters()) as started:
                 loss.backward()   # started: the indices in `params` whose reduction began
             optimizer.step()      # every gradient is the average over the grid here
 
         The block runs one backward (earlier ones may accumulate into the same gradients).
-        Hooks fire in the autograd order, the same on every rank, so the collectives are
-        issued in the same order everywhere. A gradient whose hook did not fire (one
-        accumulated before the block only) is reduced at the exit. With `hierarchical`, the
-        reduction over samples overlaps and the one over data follows it.
+        Reductions are issued in one fixed order, `params` reversed (a network's last layers
+        first, as backward makes them), and each as soon as it and all before it in that order
+        are ready: Gloo and NCCL pair collectives by their order, and the order in which
+        backward finishes the gradients can differ between ranks (a mixture's components are
+        used by different ranks' samples). A gradient whose hook does not fire (one accumulated
+        before the block only) holds back the ones after it, and they all start at the exit.
+        With `hierarchical`, the reduction over samples overlaps and the one over data follows.
         """
         params = list(params)
         first: Axis = "sample" if hierarchical else "world"
+        order = [i for i in reversed(range(len(params))) if params[i].requires_grad]  # the same on every rank
+        ready: set[int] = set()
         started: list[int] = []
         pending: list[Callable[[], None]] = []
+        cursor = 0  # order[:cursor] are issued
 
-        def start(index: int) -> Callable[[Tensor], None]:
-            def hook(param: Tensor) -> None:
-                assert param.grad is not None
-                pending.append(self._start_allreduce([param.grad], first, True, f"grad{index}"))
-                started.append(index)
+        def issue(at_exit: bool = False) -> None:
+            """Start the reductions of the ready prefix of `order` (at the exit: of all with a gradient)."""
+            nonlocal cursor
+            while cursor < len(order) and (at_exit or order[cursor] in ready):
+                index, cursor = order[cursor], cursor + 1
+                grad = params[index].grad
+                if grad is not None:
+                    pending.append(self._start_allreduce([grad], first, True, f"grad{index}"))
+                    started.append(index)
 
-            return hook
+        def hook(index: int) -> Callable[[Tensor], None]:
+            def ready_now(_: Tensor) -> None:
+                ready.add(index)
+                issue()
 
-        overlap = not self.trivial(first)
-        hooked = [(i, p) for i, p in enumerate(params) if overlap and p.requires_grad]  # frozen ones get no hook
-        handles = [p.register_post_accumulate_grad_hook(start(i)) for i, p in hooked]
+            return ready_now
+
+        trivial = self.trivial(first)
+        handles = [] if trivial else [params[i].register_post_accumulate_grad_hook(hook(i)) for i in order]
         try:
             yield started
         finally:
             for handle in handles:
                 handle.remove()
-        for finish in pending:
-            finish()
-        done = set(started)
-        self.allreduce_([p.grad for i, p in enumerate(params) if p.grad is not None and i not in done], first)
+        if not trivial:
+            issue(at_exit=True)
+            for finish in pending:
+                finish()
         if hierarchical:
             self.allreduce_([p.grad for p in params if p.grad is not None], "data")
 

@@ -2,6 +2,11 @@
 every rank's record as JSON.
 
     mpirun -np 2 python tests/programs/overlap.py sample 0 horovod world
+
+Two parameters of one shape, u and v, enter each rank's loss in a rank-dependent order, so
+backward finishes their gradients in a different order on odd and even ranks (as a mixture's
+components, used by different ranks' samples, do): a backend that pairs collectives by
+their order (Gloo) would sum one rank's u with another's v unless the order is fixed.
 """
 
 import json
@@ -18,31 +23,34 @@ grid = ProcessGrid(mode, sample_group)
 comm = make_collectives(grid, backend)
 torch.set_default_dtype(torch.float64)
 
-
-def gradients(rank: int, model: nn.Module, early: nn.Parameter) -> torch.Tensor:
-    """Rank `rank`'s gradient of `early` (a backward before the block) and its loss on the model."""
-    (early * (rank + 1)).sum().backward()
-    return model(torch.full((5, 4), rank + 1.0)).pow(2).sum()
-
-
 torch.manual_seed(0)
-model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
 early = nn.Parameter(torch.ones(2))  # accumulated before the block only: reduced at its exit
 frozen = nn.Parameter(torch.ones(3), requires_grad=False)  # no hook, no gradient, no error
-params = [*model.parameters(), early, frozen]
-trained = params[:-1]
+model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+u, v = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(3))
+params = [early, frozen, *model.parameters(), u, v]  # reversed, `early` is last: it holds back nothing
+trained = [p for p in params if p.requires_grad]
+
+
+def loss_of(rank: int) -> torch.Tensor:
+    """Rank `rank`'s gradient of `early` (a backward before the block) and its loss on the rest."""
+    (early * (rank + 1)).sum().backward()
+    terms = [lambda: (u * (rank + 1)).pow(2).sum(), lambda: (v * (rank + 2)).pow(3).sum()]
+    first, second = (t() for t in (terms if rank % 2 else terms[::-1]))  # created, hence finished, per rank
+    return model(torch.full((5, 4), rank + 1.0)).pow(2).sum() + first + second
+
 
 want = [torch.zeros_like(p) for p in trained]
 for rank in range(grid.size):
     for p in trained:
         p.grad = None
-    gradients(rank, model, early).backward()
+    loss_of(rank).backward()
     for w, p in zip(want, trained):
         w += p.grad / grid.size
 
 for p in trained:
     p.grad = None
-loss = gradients(grid.rank, model, early)
+loss = loss_of(grid.rank)
 with comm.reducing_gradients(params, reduction == "hierarchical") as started:
     loss.backward()
     during = sorted(started)
