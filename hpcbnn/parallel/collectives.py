@@ -56,7 +56,7 @@ class Collectives(ABC):
     def allreduce_(self, tensors: list[Tensor], axis: Axis = "world", average: bool = True) -> None:
         """Reduce `tensors` in place over `axis` (one fused call for all of them)."""
         if tensors and not self.trivial(axis):
-            self._start_allreduce(tensors, axis, average, "")()
+            self._start_allreduce(tensors, axis, average)()
 
     def broadcast_(self, tensors: Iterable[Tensor], root: int = 0) -> None:
         """Overwrite `tensors` on every rank with world rank `root`'s values."""
@@ -115,7 +115,7 @@ class Collectives(ABC):
                 index, cursor = order[cursor], cursor + 1
                 grad = params[index].grad
                 if grad is not None:
-                    pending.append(self._start_allreduce([grad], first, True, f"grad{index}"))
+                    pending.append(self._start_allreduce([grad], first, True, gradient=index))
                     started.append(index)
 
         def hook(index: int) -> Callable[[Tensor], None]:
@@ -140,9 +140,13 @@ class Collectives(ABC):
             self.allreduce_([p.grad for p in params if p.grad is not None], "data")
 
     @abstractmethod
-    def _start_allreduce(self, tensors: list[Tensor], axis: Axis, average: bool, tag: str) -> Callable[[], None]:
+    def _start_allreduce(
+        self, tensors: list[Tensor], axis: Axis, average: bool, gradient: int | None = None
+    ) -> Callable[[], None]:
         """Start reducing `tensors` in place; the returned call waits for it (bounded) and
-        leaves the result in them. `tag` tells apart reductions in flight at once."""
+        leaves the result in them. `gradient`, the index of a gradient reduced while backward
+        runs, gives it a channel of its own (a Horovod name, torch.distributed groups), apart
+        from the collectives that backward itself issues (the gather's adjoint)."""
 
     @abstractmethod
     def _broadcast_(self, tensors: list[Tensor], root: int) -> None: ...
@@ -191,9 +195,11 @@ class HorovodCollectives(Collectives):
         hvd.init(comm=grid.world, process_sets=list(own.values()))
         self.sets = {axis: own.get(axis, hvd.global_process_set) for axis in ("sample", "data", "world")}
 
-    def _start_allreduce(self, tensors: list[Tensor], axis: Axis, average: bool, tag: str) -> Callable[[], None]:
+    def _start_allreduce(
+        self, tensors: list[Tensor], axis: Axis, average: bool, gradient: int | None = None
+    ) -> Callable[[], None]:
         op = self.hvd.Average if average else self.hvd.Sum
-        kind = ("average" if average else "sum") + tag
+        kind = ("average" if average else "sum") + ("" if gradient is None else f"grad{gradient}")
         name = _op_name(kind, axis, [(t.dtype, t.shape) for t in tensors])
         handle = self.hvd.grouped_allreduce_async_(tensors, op=op, process_set=self.sets[axis], name=name)
 
@@ -259,6 +265,10 @@ class TorchCollectives(Collectives):
             "sample": self._own_group(grid.sample_comm),
             "data": self._own_group(grid.data_comm),
         }
+        # Gloo and NCCL pair a group's collectives by their order: gradients reduced while backward
+        # runs get groups of their own, so that they never pair with the gather's adjoint, which
+        # backward issues at a point of its own on each rank.
+        self.gradient_groups = {"world": self._own_group(grid.world), "sample": self._own_group(grid.sample_comm)}
         # Nobody leaves while a peer still builds its groups through rank 0's store.
         grid.barrier("the start of torch.distributed (its process groups)")
         # A Gloo worker thread drops its reference to a finished collective's tensor just after
@@ -274,10 +284,13 @@ class TorchCollectives(Collectives):
         groups = {g: self.dist.new_group(list(g), timeout=self.timeout) for g in every}
         return cast("ProcessGroup", groups[tuple(members)])  # a member's group, never NON_GROUP_MEMBER
 
-    def _start_allreduce(self, tensors: list[Tensor], axis: Axis, average: bool, tag: str) -> Callable[[], None]:
+    def _start_allreduce(
+        self, tensors: list[Tensor], axis: Axis, average: bool, gradient: int | None = None
+    ) -> Callable[[], None]:
         alone = len(tensors) == 1 and tensors[0].is_contiguous()
         flat = tensors[0] if alone else torch.cat([t.reshape(-1) for t in tensors])
-        work = self.dist.all_reduce(flat, group=self.groups[axis], async_op=True)
+        groups = self.groups if gradient is None else self.gradient_groups
+        work = self.dist.all_reduce(flat, group=groups[axis], async_op=True)
 
         def finish() -> None:
             self._wait([work], f"an allreduce over the {axis} ranks")

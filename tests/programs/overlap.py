@@ -6,7 +6,10 @@ every rank's record as JSON.
 Two parameters of one shape, u and v, enter each rank's loss in a rank-dependent order, so
 backward finishes their gradients in a different order on odd and even ranks (as a mixture's
 components, used by different ranks' samples, do): a backend that pairs collectives by
-their order (Gloo) would sum one rank's u with another's v unless the order is fixed.
+their order (Gloo) would sum one rank's u with another's v unless the order is fixed. A
+gather over the sample ranks enters the loss before u and v on even ranks and after them on
+odd ones, so its adjoint's allreduce, issued inside backward, comes before their reductions
+on some ranks and after them on others (hierarchical mode reduces over those same ranks).
 """
 
 import json
@@ -32,25 +35,30 @@ params = [early, frozen, *model.parameters(), u, v]  # reversed, `early` is last
 trained = [p for p in params if p.requires_grad]
 
 
-def loss_of(rank: int) -> torch.Tensor:
+g = nn.Parameter(torch.ones(1, 3))  # feeds the gather; not in `params`, its gradient is not checked
+
+
+def loss_of(rank: int, gather: bool) -> torch.Tensor:
     """Rank `rank`'s gradient of `early` (a backward before the block) and its loss on the rest."""
     (early * (rank + 1)).sum().backward()
+    gathered = lambda: comm.allgather(g * (rank + 1), "sample").sum() if gather else torch.zeros(())  # noqa: E731
     terms = [lambda: (u * (rank + 1)).pow(2).sum(), lambda: (v * (rank + 2)).pow(3).sum()]
-    first, second = (t() for t in (terms if rank % 2 else terms[::-1]))  # created, hence finished, per rank
-    return model(torch.full((5, 4), rank + 1.0)).pow(2).sum() + first + second
+    terms = [*terms, gathered] if rank % 2 else [gathered, *terms[::-1]]  # created, hence finished, per rank
+    first, second, third = (t() for t in terms)
+    return model(torch.full((5, 4), rank + 1.0)).pow(2).sum() + first + second + third
 
 
 want = [torch.zeros_like(p) for p in trained]
 for rank in range(grid.size):
     for p in trained:
         p.grad = None
-    loss_of(rank).backward()
+    loss_of(rank, gather=False).backward()  # the gather's term touches only g
     for w, p in zip(want, trained):
         w += p.grad / grid.size
 
 for p in trained:
     p.grad = None
-loss = loss_of(grid.rank)
+loss = loss_of(grid.rank, gather=True)
 with comm.reducing_gradients(params, reduction == "hierarchical") as started:
     loss.backward()
     during = sorted(started)
