@@ -28,13 +28,15 @@ def test_many_steps_print_no_cache_eviction() -> None:
 
 @pytest.mark.parametrize("np, mode, k, backend, reduction", [
     (2, "sample", 0, "horovod", "world"), (2, "sample", 0, "torch", "world"),
-    (4, "hybrid", 2, "torch", "hierarchical"),
+    (2, "data", 0, "torch", "hierarchical"),  # one sample per group: the reduction over data overlaps
+    (4, "hybrid", 2, "torch", "hierarchical"), (4, "hybrid", 2, "horovod", "hierarchical"),
 ])
 def test_gradient_reductions_start_during_backward(np: int, mode: str, k: int, backend: str, reduction: str) -> None:
     """The gradients made by backward start their reductions inside it (the overlap), in one
     order on every rank although backward finishes two of them in a rank-dependent order; one
     accumulated before the block is reduced at its exit; all end as the ranks' average; a
-    frozen parameter in the list is skipped."""
+    frozen parameter in the list is skipped. Hierarchically, each gradient's reduction over
+    data follows its reduction over samples as soon as that ends: `during` names the first."""
     result = run_mpi(np, ["tests/programs/overlap.py", mode, str(k), backend, reduction], timeout=120)
     assert result.returncode == 0, result.output[-3000:]
     records = json.loads(result.stdout.strip().splitlines()[-1])

@@ -27,6 +27,7 @@ import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, cast, get_args
 
 import torch
@@ -44,6 +45,15 @@ BACKSTOP_S = 30.0
 FUSION_THRESHOLD = 1 << 20  # bytes: Horovod fuses smaller tensors only (a user's HOROVOD_FUSION_THRESHOLD wins)
 
 
+@dataclass(frozen=True)
+class Reduction:
+    """An allreduce in flight: `done()` asks without waiting, `finish()` waits (bounded) and
+    leaves the result in the tensors."""
+
+    done: Callable[[], bool]
+    finish: Callable[[], None]
+
+
 class Collectives(ABC):
     """Fused in-place reductions, broadcasts and a differentiable gather on a grid axis."""
 
@@ -56,7 +66,7 @@ class Collectives(ABC):
     def allreduce_(self, tensors: list[Tensor], axis: Axis = "world", average: bool = True) -> None:
         """Reduce `tensors` in place over `axis` (one fused call for all of them)."""
         if tensors and not self.trivial(axis):
-            self._start_allreduce(tensors, axis, average)()
+            self._start_allreduce(tensors, axis, average).finish()
 
     def broadcast_(self, tensors: Iterable[Tensor], root: int = 0) -> None:
         """Overwrite `tensors` on every rank with world rank `root`'s values."""
@@ -98,55 +108,60 @@ class Collectives(ABC):
         backward finishes the gradients can differ between ranks (a mixture's components are
         used by different ranks' samples). A gradient whose hook does not fire (one accumulated
         before the block only) holds back the ones after it, and they all start at the exit.
-        With `hierarchical`, the reduction over samples overlaps and the one over data follows.
+        With `hierarchical`, a gradient's reduction over data starts, in the same order, once
+        its reduction over samples has ended (seen at the next hook, or at the exit): on a
+        cluster the slower one, between nodes, then overlaps backward too.
         """
         params = list(params)
-        first: Axis = "sample" if hierarchical else "world"
+        axes: tuple[Axis, ...] = ("sample", "data") if hierarchical else ("world",)
+        stages = [axis for axis in axes if not self.trivial(axis)]
         order = [i for i in reversed(range(len(params))) if params[i].requires_grad]  # the same on every rank
         ready: set[int] = set()
         started: list[int] = []
-        pending: list[Callable[[], None]] = []
-        cursor = 0  # order[:cursor] are issued
+        issued: list[list[tuple[int, Tensor, Reduction]]] = [[] for _ in stages]  # per stage, in `order`
+        cursor = 0  # order[:cursor] went through the first stage
 
-        def issue(at_exit: bool = False) -> None:
-            """Start the reductions of the ready prefix of `order` (at the exit: of all with a gradient)."""
+        def advance(at_exit: bool = False) -> None:
+            """Start the first stage of the ready prefix of `order` (at the exit: of all with a
+            gradient), and each later stage of the gradients whose stage before it has ended."""
             nonlocal cursor
             while cursor < len(order) and (at_exit or order[cursor] in ready):
                 index, cursor = order[cursor], cursor + 1
                 grad = params[index].grad
                 if grad is not None:
-                    pending.append(self._start_allreduce([grad], first, True, gradient=index))
+                    issued[0].append((index, grad, self._start_allreduce([grad], stages[0], True, gradient=index)))
                     started.append(index)
+            for before, stage, axis in zip(issued, issued[1:], stages[1:]):
+                while len(stage) < len(before) and (at_exit or before[len(stage)][2].done()):
+                    index, grad, reduction = before[len(stage)]
+                    reduction.finish()
+                    stage.append((index, grad, self._start_allreduce([grad], axis, True, gradient=index)))
 
         def hook(index: int) -> Callable[[Tensor], None]:
             def ready_now(_: Tensor) -> None:
                 ready.add(index)
-                issue()
+                advance()
 
             return ready_now
 
-        trivial = self.trivial(first)
-        handles = [] if trivial else [params[i].register_post_accumulate_grad_hook(hook(i)) for i in order]
+        handles = [params[i].register_post_accumulate_grad_hook(hook(i)) for i in order] if stages else []
         try:
             yield started
         finally:
             for handle in handles:
                 handle.remove()
-        if not trivial:
-            issue(at_exit=True)
-            for finish in pending:
-                finish()
-        if hierarchical:
-            self.allreduce_([p.grad for p in params if p.grad is not None], "data")
+        if stages:
+            advance(at_exit=True)
+            for _, _, reduction in issued[-1]:
+                reduction.finish()
 
     @abstractmethod
     def _start_allreduce(
         self, tensors: list[Tensor], axis: Axis, average: bool, gradient: int | None = None
-    ) -> Callable[[], None]:
-        """Start reducing `tensors` in place; the returned call waits for it (bounded) and
-        leaves the result in them. `gradient`, the index of a gradient reduced while backward
-        runs, gives it a channel of its own (a Horovod name, torch.distributed groups), apart
-        from the collectives that backward itself issues (the gather's adjoint)."""
+    ) -> Reduction:
+        """Start reducing `tensors` in place. `gradient`, the index of a gradient reduced while
+        backward runs, gives it a channel of its own (a Horovod name, torch.distributed groups),
+        apart from the collectives that backward itself issues (the gather's adjoint)."""
 
     @abstractmethod
     def _broadcast_(self, tensors: list[Tensor], root: int) -> None: ...
@@ -197,7 +212,7 @@ class HorovodCollectives(Collectives):
 
     def _start_allreduce(
         self, tensors: list[Tensor], axis: Axis, average: bool, gradient: int | None = None
-    ) -> Callable[[], None]:
+    ) -> Reduction:
         op = self.hvd.Average if average else self.hvd.Sum
         kind = ("average" if average else "sum") + ("" if gradient is None else f"grad{gradient}")
         name = _op_name(kind, axis, [(t.dtype, t.shape) for t in tensors])
@@ -206,7 +221,7 @@ class HorovodCollectives(Collectives):
         def finish() -> None:
             self._wait([handle], f"a Horovod allreduce over the {axis} ranks")
 
-        return finish
+        return Reduction(lambda: bool(self.hvd.poll(handle)), finish)
 
     def _broadcast_(self, tensors: list[Tensor], root: int) -> None:
         handles = [
@@ -268,7 +283,11 @@ class TorchCollectives(Collectives):
         # Gloo and NCCL pair a group's collectives by their order: gradients reduced while backward
         # runs get groups of their own, so that they never pair with the gather's adjoint, which
         # backward issues at a point of its own on each rank.
-        self.gradient_groups = {"world": self._own_group(grid.world), "sample": self._own_group(grid.sample_comm)}
+        self.gradient_groups = {
+            "world": self._own_group(grid.world),
+            "sample": self._own_group(grid.sample_comm),
+            "data": self._own_group(grid.data_comm),
+        }
         # Nobody leaves while a peer still builds its groups through rank 0's store.
         grid.barrier("the start of torch.distributed (its process groups)")
         # A Gloo worker thread drops its reference to a finished collective's tensor just after
@@ -286,7 +305,7 @@ class TorchCollectives(Collectives):
 
     def _start_allreduce(
         self, tensors: list[Tensor], axis: Axis, average: bool, gradient: int | None = None
-    ) -> Callable[[], None]:
+    ) -> Reduction:
         alone = len(tensors) == 1 and tensors[0].is_contiguous()
         flat = tensors[0] if alone else torch.cat([t.reshape(-1) for t in tensors])
         groups = self.groups if gradient is None else self.gradient_groups
@@ -302,7 +321,7 @@ class TorchCollectives(Collectives):
                     t.copy_(flat[offset : offset + t.numel()].view_as(t))
                     offset += t.numel()
 
-        return finish
+        return Reduction(work.is_completed, finish)
 
     def _broadcast_(self, tensors: list[Tensor], root: int) -> None:
         works = [self.dist.broadcast(t, src=root, async_op=True) for t in tensors]
